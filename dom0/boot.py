@@ -1,0 +1,73 @@
+"""``supercharge boot``: start a domain under qemu and collect its boot report.
+
+The console capture is watched while the guest runs: a report whose outcome
+says the agent halted or powered off ends qemu at once (nothing more will
+come), and with ``--after stop`` so does a successful switch.  The exit code
+is 0 only when the agent handed over to the real init.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from guest_init.report import MARKER, parse_console
+
+from .cache import state_root
+from .collect import render_report, write_report
+from .errors import EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT
+from .qemu import QemuSettings, qemu_command, run_qemu
+from .xlcfg import load_domain_config
+
+_OUTCOME_HINT = b'"stage":"outcome"'
+
+
+def _stopper(after: str):
+    """Decide from the capture so far whether the guest has nothing more to say."""
+    marker = MARKER.encode()
+
+    def should_stop(capture: bytes) -> bool:
+        if marker not in capture or _OUTCOME_HINT not in capture:
+            return False
+        outcome = parse_console(capture).get("outcome")
+        if not outcome:
+            return False
+        return outcome.get("outcome") != "switched" or after == "stop"
+
+    return should_stop
+
+
+def domain_state_dir(name: str, state_dir: Path | None) -> Path:
+    path = (state_dir or state_root() / "domains") / name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def boot_domain(config: Path, *, accel: str | None = None, timeout: float = 300.0,
+                after: str = "wait", state_dir: Path | None = None, as_json: bool = False,
+                quiet: bool = False) -> int:
+    domain = load_domain_config(config)
+    state = domain_state_dir(domain.name, state_dir)
+    console = state / "console.log"
+    console.write_bytes(b"")
+    settings = QemuSettings(accel=accel) if accel else QemuSettings()
+    cmd = qemu_command(domain, console, settings)
+    run = run_qemu(cmd, console, timeout=timeout, should_stop=_stopper(after))
+    report = parse_console(console.read_bytes())
+    report["console"] = str(console)
+    report["domain"] = domain.name
+    report["hypervisor"] = {"backend": "qemu", "accel": settings.accel, "timed_out": run.timed_out,
+                            "stopped": run.stopped, "returncode": run.returncode,
+                            "seconds": round(run.duration, 2)}
+    write_report(report, state / "report.json")
+    if not quiet:
+        if as_json:
+            print(json.dumps(report, indent=2, sort_keys=True))
+        else:
+            print(render_report(report))
+            print(f"console: {console}\nreport:  {state / 'report.json'}")
+    outcome = (report.get("outcome") or {}).get("outcome")
+    if outcome == "switched":
+        return EXIT_OK
+    if outcome is None and run.timed_out:
+        return EXIT_TIMEOUT
+    return EXIT_FAILED

@@ -1,0 +1,114 @@
+"""Turn a guest's console capture into a boot report (``supercharge collect``).
+
+The record format and the parser live in :mod:`guest_init.report`, next to the
+writer, so the two cannot disagree; this module only does dom0's file work:
+reading the capture, writing the report atomically, and printing a summary.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from guest_init.report import parse_console
+
+from .errors import UserError
+
+
+def collect_console(path: Path) -> dict:
+    """Parse the console capture at ``path`` into a report (see docs/report.md).
+
+    The capture is read as bytes: it is mostly kernel text in whatever
+    encoding, and only the records, which are pure ASCII, are decoded.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"{path}: console capture not found") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: console capture is a directory, expected a file") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read console capture: {exc.strerror or exc}") from None
+    report = parse_console(data)
+    report["console"] = str(path)
+    return report
+
+
+def write_report(report: dict, out: Path) -> None:
+    """Write ``report`` as JSON to ``out``, atomically.
+
+    A temporary file in the same directory, fsynced, then ``os.replace``: a
+    reader (or a second ``collect`` run) sees the old report or the new one,
+    never half of one, even if dom0 crashes mid-write.
+    """
+    out = Path(out)
+    text = json.dumps(report, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    directory = out.parent if str(out.parent) else Path(".")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=directory)
+    except OSError as exc:
+        raise UserError(f"{out}: cannot write report: {exc.strerror or exc}") from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+            os.fchmod(f.fileno(), 0o644)  # mkstemp makes 0600; a report is not secret
+        os.replace(tmp, out)
+    except OSError as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise UserError(f"{out}: cannot write report: {exc.strerror or exc}") from None
+
+
+def _seconds(value: object) -> str:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f"{value:.3f} s"
+    return "-"
+
+
+def render_report(report: dict) -> str:
+    """A short human summary: one line per stage, the outcome, then the problems.
+
+    Meant for the terminal right after a boot; the JSON report holds the full
+    records (details, uptimes) for ``supercharge report``/``diagnose``.
+    """
+    lines: list[str] = []
+    if report.get("console"):
+        lines.append(f"console: {report['console']}")
+    # The records, not "stages", so a failed stage's error can be shown under it.
+    records = [r for r in report.get("records") or [] if r.get("stage") != "outcome"]
+    width = max([len(str(r.get("stage"))) for r in records] + [5])
+    for record in records:
+        lines.append(
+            f"  {str(record.get('stage')):<{width}}  {str(record.get('status')):<7}  "
+            f"{_seconds(record.get('duration')):>10}"
+        )
+        details = record.get("details")
+        if record.get("status") == "failed" and isinstance(details, dict) and details.get("error"):
+            lines.append(f"  {'':<{width}}  error: {details['error']}")
+    outcome = report.get("outcome")
+    if outcome is None:
+        lines.append("outcome: none recorded")
+    else:
+        lines.append(
+            f"outcome: {outcome.get('outcome')} (policy {outcome.get('policy')}, "
+            f"status {outcome.get('status')})"
+        )
+    problems = report.get("problems") or []
+    if problems:
+        lines.append(f"problems ({len(problems)}):")
+        for p in problems:
+            where = []
+            if p.get("line") is not None:
+                where.append(f"line {p['line']}")
+            if p.get("seq") is not None:
+                where.append(f"record {p['seq']}")
+            prefix = f"{', '.join(where)}: " if where else ""
+            lines.append(f"  {prefix}{p.get('kind')}: {p.get('detail')}")
+    lines.append("report complete" if report.get("complete") else "report INCOMPLETE")
+    return "\n".join(lines)

@@ -1,0 +1,235 @@
+"""``supercharge prepare-initrd``: a cached base archive plus a small per-domain segment.
+
+The base holds the frozen agent as /init, the shared libraries it needs that
+PyInstaller leaves out, kernel modules with their load order, device nodes,
+mount points and a CA bundle.  It is built once per set of inputs and kept
+in the cache.  A domain's initrd is that base with the plan appended as a
+second, uncompressed cpio archive: the kernel unpacks concatenated archives,
+so a new domain costs the size of its plan, not a rebuild.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .cache import cache_dir, digest_of
+from .compress import METHODS, compress_segment
+from .cpio import CpioWriter
+from .errors import UserError
+from .freeze import INITRD_DATA, FrozenAgent, freeze_agent
+from .kernel import KernelRef
+from .kmod import read_module_list as read_list
+
+BUILDER_FORMAT = "2"   # bump when the base layout changes, to invalidate cached bases
+DEFAULT_MODULES = INITRD_DATA / "modules.default"
+DLOPEN_LIBS = INITRD_DATA / "dlopen-libs"
+
+PLAN_IN_INITRD = "etc/supercharge/plan.json"
+MODULES_LOAD = "etc/supercharge/modules.load"
+CA_BUNDLE = "etc/ssl/certs/ca-certificates.crt"
+
+# Nodes Python and the kernel need before devtmpfs is mounted (initramfs-notes pitfall 3).
+DEVICE_NODES = (
+    ("dev/console", 5, 1, 0o600),
+    ("dev/null", 1, 3, 0o666),
+    ("dev/random", 1, 8, 0o666),
+    ("dev/urandom", 1, 9, 0o666),
+    ("dev/kmsg", 1, 11, 0o644),
+)
+MOUNT_POINTS = ("dev", "proc", "sys", "run", "sysroot", "tmp", "etc/supercharge")
+
+
+@dataclass
+class BaseInfo:
+    path: Path
+    key: str
+    cached: bool
+    size: int
+    uncompressed: int
+    files: int
+    compression: str
+    kernel: str
+    modules: list[str]
+    libraries: list[str]
+    agent_cached: bool
+    seconds: float
+
+
+@dataclass
+class InitrdResult:
+    output: Path
+    size: int
+    base: BaseInfo
+    plan_segment: int = 0
+    plan_files: int = 0
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        doc = asdict(self)
+        doc["output"] = str(self.output)
+        doc["base"]["path"] = str(self.base.path)
+        return doc
+
+
+def _merged_usr(dest: str) -> str:
+    """Debian is merged-/usr: /lib and /lib64 are symlinks into /usr in the archive too."""
+    dest = dest.lstrip("/")
+    for top in ("lib/", "lib64/", "bin/", "sbin/"):
+        if dest.startswith(top):
+            return "usr/" + dest
+    return dest
+
+
+def _ca_bundle() -> Path | None:
+    try:
+        import certifi  # noqa: PLC0415 - installed with requests
+
+        return Path(certifi.where())
+    except ImportError:
+        system = Path("/etc/ssl/certs/ca-certificates.crt")
+        return system if system.is_file() else None
+
+
+def _base_key(agent: FrozenAgent, kernel: KernelRef, modules: list[str], method: str,
+              level: int | None, ca: Path | None) -> str:
+    dep = (kernel.modules_dir / "modules.dep").read_bytes()
+    return digest_of(BUILDER_FORMAT, agent.key, kernel.version, str(kernel.modules_dir), dep,
+                     "\n".join(modules), method, str(level), DLOPEN_LIBS.read_bytes(),
+                     ca.read_bytes() if ca else b"")
+
+
+def _suffix(method: str) -> str:
+    return {"zstd": ".zst", "gzip": ".gz", "xz": ".xz", "none": ""}[method]
+
+
+def _write_base(writer: CpioWriter, agent: FrozenAgent, kernel: KernelRef,
+                modules: list[str], ca: Path | None) -> tuple[list[str], list[str]]:
+    from .elf import library_closure  # noqa: PLC0415 - pyelftools only for builds
+    from .kmod import resolve_modules
+
+    for top in ("lib", "lib64", "bin", "sbin"):
+        writer.add_dir(f"usr/{top}")
+        writer.add_symlink(top, f"usr/{top}")
+    for mp in MOUNT_POINTS:
+        writer.add_dir(mp)
+    for path, major, minor, mode in DEVICE_NODES:
+        writer.add_device(path, "c", major, minor, mode)
+
+    writer.add_tree(agent.tree)
+
+    closure = library_closure(agent.tree, agent.executable, extra_sonames=read_list(DLOPEN_LIBS))
+    if closure.missing:
+        soname, needed_by = closure.missing[0]
+        raise UserError(f"shared library {soname} (needed by {needed_by}) not found on this system")
+    libs = []
+    for lib in closure.libraries:
+        writer.add_file(_merged_usr(lib.dest), lib.source, 0o755)
+        libs.append(lib.dest)
+
+    resolved = resolve_modules(kernel.modules_dir, modules)
+    order = getattr(resolved, "order", resolved)
+    load_lines = []
+    for mod in order:
+        inside = f"lib/modules/{kernel.version}/{mod.relpath}"
+        writer.add_file(_merged_usr(inside), mod.path, 0o644)
+        load_lines.append("/" + inside)
+    writer.add_file(MODULES_LOAD, ("\n".join(load_lines) + "\n").encode(), 0o644)
+    if ca is not None:
+        writer.add_file(CA_BUNDLE, ca.read_bytes(), 0o644)
+    info = {"builder_format": BUILDER_FORMAT, "kernel": kernel.version, "agent": agent.key,
+            "modules": [m.name for m in order]}
+    writer.add_file("etc/supercharge/initrd.json", json.dumps(info, indent=1).encode(), 0o644)
+    return [m.name for m in order], libs
+
+
+def build_base(kernel: KernelRef, *, extra_modules: list[str] = (), method: str = "zstd",
+               level: int | None = None, force: bool = False) -> BaseInfo:
+    """The cached base initrd for this agent, kernel, module set and compression."""
+    if method not in METHODS:
+        raise UserError(f"unknown compression '{method}': expected one of {', '.join(METHODS)}")
+    started = time.monotonic()
+    modules = read_list(DEFAULT_MODULES) + [m for m in extra_modules if m]
+    agent = freeze_agent()
+    ca = _ca_bundle()
+    key = _base_key(agent, kernel, modules, method, level, ca)
+    store = cache_dir("initrd")
+    path = store / f"base-{key}.cpio{_suffix(method)}"
+    meta = store / f"base-{key}.json"
+    if path.is_file() and meta.is_file() and not force:
+        doc = json.loads(meta.read_text())
+        doc.update(path=path, cached=True, agent_cached=agent.cached,
+                   seconds=round(time.monotonic() - started, 3))
+        return BaseInfo(**doc)
+    buf = io.BytesIO()
+    writer = CpioWriter(buf)
+    module_names, libs = _write_base(writer, agent, kernel, modules, ca)
+    writer.close()
+    raw = buf.getvalue()
+    # Padded: the kernel finds an appended archive only at a 4-byte-aligned offset.
+    packed = compress_segment(raw, method, level)
+    _atomic_write(path, [packed])
+    info = BaseInfo(path=path, key=key, cached=False, size=len(packed), uncompressed=len(raw),
+                    files=writer.files, compression=method, kernel=kernel.version,
+                    modules=module_names, libraries=libs, agent_cached=agent.cached,
+                    seconds=round(time.monotonic() - started, 3))
+    doc = asdict(info)
+    for transient in ("path", "cached", "agent_cached", "seconds"):
+        doc.pop(transient)
+    _atomic_write(meta, [json.dumps(doc, indent=1).encode()])
+    return info
+
+
+def plan_segment(plan_path: Path) -> tuple[bytes, int]:
+    """The per-domain archive: the validated plan, uncompressed (it is tiny)."""
+    from guest_init.plan import PlanError, load_plan  # noqa: PLC0415
+
+    try:
+        load_plan(plan_path)
+    except PlanError as exc:
+        raise UserError(str(exc)) from None
+    buf = io.BytesIO()
+    writer = CpioWriter(buf)
+    writer.add_dir("etc/supercharge")
+    writer.add_file(PLAN_IN_INITRD, plan_path.read_bytes(), 0o644)
+    writer.close()
+    return buf.getvalue(), writer.files
+
+
+def _atomic_write(path: Path, chunks: list[bytes]) -> None:
+    """Never leave a half-written file at ``path``: temporary file, fsync, rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as out:
+            for chunk in chunks:
+                out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def prepare_initrd(kernel: KernelRef, output: Path, *, plan: Path | None = None,
+                   extra_modules: list[str] = (), method: str = "zstd",
+                   level: int | None = None) -> InitrdResult:
+    started = time.monotonic()
+    if plan is not None and not plan.is_file():
+        raise UserError(f"{plan}: plan not found")
+    if not output.parent.is_dir():
+        raise UserError(f"{output.parent}: output directory does not exist")
+    segment, seg_files = (plan_segment(plan) if plan is not None else (b"", 0))
+    base = build_base(kernel, extra_modules=list(extra_modules), method=method, level=level)
+    chunks = [base.path.read_bytes()]
+    if segment:
+        chunks.append(segment)
+    _atomic_write(output, chunks)
+    return InitrdResult(output=output, size=output.stat().st_size, base=base,
+                        plan_segment=len(segment), plan_files=seg_files,
+                        seconds=round(time.monotonic() - started, 3))

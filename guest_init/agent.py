@@ -1,0 +1,144 @@
+"""PID 1 of the initramfs: run the stages, report each, never exit.
+
+Whatever fails is reported over the console and then the plan's failure
+policy is followed.  The default, ``halt``, fails closed: no switch into a
+half-customised system, the agent waits with the report on the console.
+Returning from :func:`main` (or raising out of it) would panic the kernel, so
+every path ends in an ``exec`` of the real init, a power-off or a wait.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from . import stages
+from .report import Reporter
+
+POLICIES = ("halt", "continue", "poweroff")
+
+STAGE_ORDER = (
+    ("early", stages.early),
+    ("modules", stages.modules),
+    ("devices", stages.devices),
+    ("mount", stages.mount),
+    ("apply", stages.apply),
+)
+
+
+def _run_stage(reporter: Reporter, name: str, func, ctx: stages.BootContext) -> bool:
+    started = time.monotonic()
+    try:
+        details = func(ctx)
+    except stages.StageFailed as exc:
+        details = dict(exc.details)
+        details["error"] = str(exc)
+        reporter.stage(name, "failed", time.monotonic() - started, details)
+        return False
+    except Exception as exc:  # noqa: BLE001 - PID 1 must survive anything a stage does
+        reporter.stage(name, "failed", time.monotonic() - started,
+                       {"error": f"{type(exc).__name__}: {exc}"})
+        return False
+    reporter.stage(name, "ok", time.monotonic() - started, details or {})
+    return True
+
+
+def _persist_report(reporter: Reporter) -> str | None:
+    """Write the records so far into the target, so the guest keeps its own boot history."""
+    import json
+
+    target = stages.SYSROOT / "var/log/supercharge"
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        tmp = target / ".boot-report.json.tmp"
+        tmp.write_text(json.dumps(reporter.to_report(), indent=1, sort_keys=True))
+        os.replace(tmp, target / "boot-report.json")
+        return "/var/log/supercharge/boot-report.json"
+    except OSError:
+        return None  # a read-only root is allowed; the console copy is the primary one
+
+
+def _switch(reporter: Reporter, ctx: stages.BootContext, modified: bool) -> None:
+    """Hand over to the real init; only returns if that failed."""
+    from . import switch
+
+    plan = ctx.plan
+    init = plan.init if plan is not None else "/sbin/init"
+    started = time.monotonic()
+    try:
+        switch.init_in_root(stages.SYSROOT, init)
+    except OSError as exc:
+        reporter.stage("switch", "failed", time.monotonic() - started, {"error": str(exc), "init": init})
+        return
+    saved = _persist_report(reporter) if modified else None
+    env = switch.clean_environment(dict(os.environ))
+    args = [init, *ctx.argv]
+    try:
+        switch.switch_root(stages.SYSROOT)
+    except OSError as exc:
+        reporter.stage("switch", "failed", time.monotonic() - started, {"error": str(exc)})
+        return
+    reporter.stage("switch", "ok", time.monotonic() - started,
+                   {"init": init, "args": ctx.argv, "report_saved": saved})
+    reporter.outcome("switched", ctx.policy, {"init": init, "modified": modified})
+    try:
+        sys.stdout.flush()
+        os.execve(init, args, env)
+    except OSError as exc:
+        reporter.stage("exec", "failed", 0.0, {"error": str(exc), "init": init})
+
+
+def _halt_forever() -> None:
+    while True:
+        try:
+            time.sleep(3600)
+        except BaseException:  # noqa: BLE001 - not even Ctrl-C may end PID 1
+            pass
+
+
+def _follow_policy(reporter: Reporter, ctx: stages.BootContext, failed_stage: str) -> None:
+    policy = ctx.policy if ctx.policy in POLICIES else "halt"
+    if policy == "continue" and ctx.root_mounted and not ctx.applied:
+        reporter.stage("policy", "ok", 0.0, {"policy": policy, "failed_stage": failed_stage,
+                                             "action": "booting the system unmodified"})
+        _switch(reporter, ctx, modified=False)
+        policy = "halt"  # the switch failed; fall through to halting
+    elif policy == "continue":
+        reason = ("the root file system is not mounted" if not ctx.root_mounted
+                  else "steps were already applied")
+        reporter.stage("policy", "failed", 0.0, {"policy": policy, "action": "halt",
+                                                 "reason": f"cannot continue unmodified: {reason}"})
+        policy = "halt"
+    if policy == "poweroff":
+        reporter.outcome("poweroff", policy, {"failed_stage": failed_stage})
+        from . import sysc
+
+        try:
+            sysc.reboot(sysc.RB_POWER_OFF)
+        except Exception:  # noqa: BLE001 - if the power-off fails, waiting is all that is left
+            pass
+    else:
+        reporter.outcome("halted", policy, {"failed_stage": failed_stage})
+    _halt_forever()
+
+
+def run(argv: list[str]) -> None:
+    reporter = Reporter()
+    ctx = stages.BootContext(argv=argv)
+    for name, func in STAGE_ORDER:
+        if not _run_stage(reporter, name, func, ctx):
+            _follow_policy(reporter, ctx, name)
+            return
+    _switch(reporter, ctx, modified=True)
+    _follow_policy(reporter, ctx, "switch")
+
+
+def main() -> None:
+    try:
+        run(sys.argv[1:])
+    except BaseException as exc:  # noqa: BLE001 - last line of defence for PID 1
+        try:
+            sys.stderr.write(f"supercharge agent: unexpected {type(exc).__name__}: {exc}\n")
+        except Exception:  # noqa: BLE001
+            pass
+    _halt_forever()

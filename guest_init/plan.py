@@ -1,0 +1,470 @@
+"""The boot plan: what the agent mounts and which files it changes in the real root.
+
+The plan is versioned JSON written by dom0 and read by the agent at boot.  It is
+validated completely before anything is touched, so that a typo is reported as one
+line naming the file and the field (``plan.json: steps[1].mode: ...``) instead of
+surfacing as a half-applied personality.  Unknown keys are errors for the same
+reason: a misspelt ``"uid"`` silently ignored is a wrong owner in production.
+
+Each operation (``"op"``) has its own parser in :data:`OPERATIONS`; adding an
+operation means writing one parser (with the ``expect_*`` helpers below), one
+dataclass and one applier in :mod:`guest_init.ops`, and registering both.
+
+Only the standard library is imported: this module is on the agent's start path.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import math
+import posixpath
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+PLAN_VERSION = 1
+FAILURE_POLICIES = ("halt", "continue", "poweroff")
+DEFAULT_FAILURE_POLICY = "halt"
+DEFAULT_DEVICE_TIMEOUT = 30.0
+DEFAULT_INIT = "/sbin/init"
+DEFAULT_FSTYPE = "ext4"
+DEFAULT_OPTIONS = ("rw",)
+DEFAULT_MODE = 0o644
+
+_HEX = frozenset("0123456789abcdef")
+
+
+class PlanError(ValueError):
+    """An invalid plan, reported as ``<source>[:line:col]: [<field>: ]<problem>``.
+
+    ``field`` is the JSON path of the offending value (``"steps[1].mode"``), or ``""``
+    when the problem is with the file as a whole (unreadable, not JSON).  ``source``
+    is filled in by :func:`validate_plan` / :func:`load_plan`, so the per-operation
+    parsers need not know which file they are reading.
+    """
+
+    def __init__(
+        self,
+        field: str,
+        problem: str,
+        source: str = "plan",
+        line: int | None = None,
+        column: int | None = None,
+    ) -> None:
+        super().__init__(problem)
+        self.field = field
+        self.problem = problem
+        self.source = source
+        self.line = line
+        self.column = column
+
+    def __str__(self) -> str:
+        where = self.source
+        if self.line is not None:
+            where += f":{self.line}"
+            if self.column is not None:
+                where += f":{self.column}"
+        if self.field:
+            return f"{where}: {self.field}: {self.problem}"
+        return f"{where}: {self.problem}"
+
+
+# --------------------------------------------------------------------------- model
+
+
+@dataclass(frozen=True)
+class DeviceRef:
+    """A block device named by file-system label or UUID, never by kernel name.
+
+    Exactly one of ``label`` / ``uuid`` is set.  ``uuid`` is stored lower-case
+    (a FAT serial ``ABCD-1234`` becomes ``abcd-1234``); matching is case-insensitive.
+    """
+
+    label: str | None = None
+    uuid: str | None = None
+
+    def describe(self) -> str:
+        """The fstab-style spelling, e.g. ``LABEL=web1-root``; also the key in reports."""
+        if self.label is not None:
+            return f"LABEL={self.label}"
+        return f"UUID={self.uuid}"
+
+
+@dataclass(frozen=True)
+class Mount:
+    """One file system to mount under the new root (``target`` is a guest path)."""
+
+    device: DeviceRef
+    target: str
+    fstype: str = DEFAULT_FSTYPE
+    options: tuple[str, ...] = DEFAULT_OPTIONS
+
+
+@dataclass(frozen=True)
+class Step:
+    """Base of all plan operations; ``op`` names the operation and its applier."""
+
+    op: ClassVar[str] = ""
+
+
+@dataclass(frozen=True)
+class ReplaceStep(Step):
+    """Replace (or create) the file ``path`` with ``content``, atomically."""
+
+    op: ClassVar[str] = "replace"
+    path: str
+    content: bytes
+    mode: int = DEFAULT_MODE
+    uid: int | None = None
+    gid: int | None = None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A validated plan.  ``digest`` is the SHA-256 of the canonical JSON document."""
+
+    version: int
+    name: str
+    init: str
+    failure_policy: str
+    device_timeout: float
+    mounts: tuple[Mount, ...]
+    steps: tuple[Step, ...]
+    digest: str = field(compare=False)
+
+    def mount_order(self) -> list[Mount]:
+        """Mounts ordered so that every target's parent is mounted before it.
+
+        The plan lists mounts in any order; mounting ``/usr`` before ``/`` would hide it.
+        Sorting by depth (stable) is enough because targets are normalised.
+        """
+        return sorted(self.mounts, key=lambda m: 0 if m.target == "/" else m.target.count("/"))
+
+
+# ------------------------------------------------------- helpers for op parsers
+
+
+def _found(value: object) -> str:
+    """How a wrong value is shown in an error: as JSON, cut short."""
+    try:
+        text = json.dumps(value, sort_keys=True)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _type_name(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def expect_object(value: object, where: str) -> dict[str, Any]:
+    """``value`` must be a JSON object."""
+    if not isinstance(value, dict):
+        raise PlanError(where, f"expected an object, found {_type_name(value)}")
+    return value
+
+
+def expect_keys(
+    obj: dict[str, Any], where: str, required: tuple[str, ...], optional: tuple[str, ...] = ()
+) -> None:
+    """Every ``required`` key present and no key outside ``required + optional``."""
+    allowed = set(required) | set(optional)
+    for key in obj:
+        if key not in allowed:
+            known = ", ".join(sorted(allowed))
+            raise PlanError(_join(where, key), f"unknown key (known keys: {known})")
+    for key in required:
+        if key not in obj:
+            raise PlanError(_join(where, key), "missing (required)")
+
+
+def expect_str(value: object, where: str, *, non_empty: bool = True) -> str:
+    """A string (non-empty unless told), without NUL: every string may reach a syscall."""
+    if not isinstance(value, str):
+        raise PlanError(where, f"expected a string, found {_found(value)}")
+    if non_empty and not value:
+        raise PlanError(where, "expected a non-empty string")
+    if "\0" in value:
+        raise PlanError(where, "contains a NUL character")
+    return value
+
+
+def expect_int(value: object, where: str, *, minimum: int | None = None) -> int:
+    """A JSON integer (``true`` is not 1 here)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise PlanError(where, f"expected an integer, found {_found(value)}")
+    if minimum is not None and value < minimum:
+        raise PlanError(where, f"expected an integer >= {minimum}, found {value}")
+    return value
+
+
+def expect_id(value: object, where: str) -> int | None:
+    """A uid or gid: a non-negative integer, or ``null`` for "leave as is"."""
+    if value is None:
+        return None
+    return expect_int(value, where, minimum=0)
+
+
+def expect_mode(value: object, where: str) -> int:
+    """Permission bits as an octal string such as ``"0644"``.
+
+    A string, not a number, because JSON has no octal: ``420`` is what ``0644``
+    becomes when someone forgets, and it must be caught rather than applied.
+    """
+    if (
+        not isinstance(value, str)
+        or not 3 <= len(value) <= 4
+        or any(c not in "01234567" for c in value)
+    ):
+        raise PlanError(where, f'expected an octal string like "0644", found {_found(value)}')
+    return int(value, 8)
+
+
+def expect_guest_path(value: object, where: str) -> str:
+    """An absolute guest path with no ``..`` component, returned normalised.
+
+    Refused here rather than only when applied, so that a bad plan never starts
+    changing anything.  Symlinks are checked at apply time by :mod:`guest_init.safepath`.
+    """
+    text = expect_str(value, where)
+    if not text.startswith("/"):
+        raise PlanError(where, f"expected an absolute path, found {_found(text)}")
+    parts = [p for p in text.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise PlanError(where, f'".." is not allowed in a path, found {_found(text)}')
+    return "/" + "/".join(parts)
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _expect_file_path(value: object, where: str) -> str:
+    path = expect_guest_path(value, where)
+    if path == "/":
+        raise PlanError(where, 'expected a file path, found "/"')
+    return path
+
+
+# ------------------------------------------------------------- operation parsers
+
+
+def parse_replace(obj: dict[str, Any], where: str) -> ReplaceStep:
+    """``{"op": "replace", "path", "content" | "content_base64", "mode"?, "uid"?, "gid"?}``."""
+    expect_keys(obj, where, ("op", "path"), ("content", "content_base64", "mode", "uid", "gid"))
+    path = _expect_file_path(obj["path"], _join(where, "path"))
+    has_text, has_b64 = "content" in obj, "content_base64" in obj
+    if has_text == has_b64:
+        raise PlanError(where, 'expected exactly one of "content" and "content_base64"')
+    if has_text:
+        content = expect_str(obj["content"], _join(where, "content"), non_empty=False).encode()
+    else:
+        b64 = expect_str(obj["content_base64"], _join(where, "content_base64"), non_empty=False)
+        try:
+            content = base64.b64decode(b64, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise PlanError(_join(where, "content_base64"), f"invalid base64: {exc}") from None
+    mode = expect_mode(obj["mode"], _join(where, "mode")) if "mode" in obj else DEFAULT_MODE
+    return ReplaceStep(
+        path=path,
+        content=content,
+        mode=mode,
+        uid=expect_id(obj.get("uid"), _join(where, "uid")),
+        gid=expect_id(obj.get("gid"), _join(where, "gid")),
+    )
+
+
+#: Parser for each ``"op"``: ``parser(step_object, "steps[i]") -> Step``.
+#: A parser raises :class:`PlanError` naming the field; the source is added later.
+OPERATIONS: dict[str, Callable[[dict[str, Any], str], Step]] = {
+    "replace": parse_replace,
+}
+
+
+# ------------------------------------------------------------------ the document
+
+
+def _parse_device(value: object, where: str) -> DeviceRef:
+    obj = expect_object(value, where)
+    expect_keys(obj, where, (), ("label", "uuid"))
+    if ("label" in obj) == ("uuid" in obj):
+        raise PlanError(where, 'expected exactly one of "label" and "uuid"')
+    if "label" in obj:
+        return DeviceRef(label=expect_str(obj["label"], _join(where, "label")))
+    uuid = expect_str(obj["uuid"], _join(where, "uuid")).lower()
+    groups = uuid.split("-")
+    shape = [len(g) for g in groups]
+    # A 128-bit UUID (ext, xfs, btrfs, swap) or a 32-bit FAT serial ("ABCD-1234").
+    if shape not in ([8, 4, 4, 4, 12], [4, 4]) or any(c not in _HEX for g in groups for c in g):
+        raise PlanError(
+            _join(where, "uuid"),
+            f'expected a UUID like "0b9f5c1e-...-..." or a FAT serial like "ABCD-1234", '
+            f"found {_found(obj['uuid'])}",
+        )
+    return DeviceRef(uuid=uuid)
+
+
+def _parse_mount(value: object, where: str) -> Mount:
+    obj = expect_object(value, where)
+    expect_keys(obj, where, ("device", "target"), ("fstype", "options"))
+    device = _parse_device(obj["device"], _join(where, "device"))
+    raw_target = obj["target"]
+    target = expect_guest_path(raw_target, _join(where, "target"))
+    if target != raw_target:
+        raise PlanError(
+            _join(where, "target"), f"expected a normalised path ({_found(target)}), found {_found(raw_target)}"
+        )
+    fstype = expect_str(obj.get("fstype", DEFAULT_FSTYPE), _join(where, "fstype"))
+    options: tuple[str, ...] = DEFAULT_OPTIONS
+    if "options" in obj:
+        raw = obj["options"]
+        if not isinstance(raw, list):
+            raise PlanError(_join(where, "options"), f"expected a list of strings, found {_found(raw)}")
+        options = tuple(expect_str(o, f"{where}.options[{i}]") for i, o in enumerate(raw))
+    return Mount(device=device, target=target, fstype=fstype, options=options)
+
+
+def _parse_timeout(value: object, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise PlanError(where, f"expected a number of seconds >= 0, found {_found(value)}")
+    return float(value)
+
+
+def _parse_name(value: object, where: str) -> str:
+    name = expect_str(value, where)
+    # The name ends up in report file names and log lines on dom0.
+    if "/" in name or any(ord(c) < 32 for c in name):
+        raise PlanError(where, f"expected a name without '/' or control characters, found {_found(name)}")
+    return name
+
+
+def digest_of(doc: object) -> str:
+    """SHA-256 hex of the canonical JSON form, identical on dom0 and in the guest."""
+    canonical = json.dumps(doc, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def validate_plan(doc: object, source: str = "plan") -> Plan:
+    """Check a decoded plan document completely and build the :class:`Plan`.
+
+    Raises :class:`PlanError` for the first problem found, with ``source`` as the
+    file name in its message.
+    """
+    try:
+        return _validate(doc)
+    except PlanError as exc:
+        exc.source = source
+        raise
+
+
+def _validate(doc: object) -> Plan:
+    obj = expect_object(doc, "")
+    expect_keys(
+        obj, "", ("version", "name", "mounts"), ("init", "failure_policy", "device_timeout", "steps")
+    )
+    version = obj["version"]
+    if isinstance(version, bool) or version != PLAN_VERSION or not isinstance(version, int):
+        raise PlanError("version", f"unsupported plan version {_found(version)} (this agent reads {PLAN_VERSION})")
+    name = _parse_name(obj["name"], "name")
+
+    init = expect_guest_path(obj.get("init", DEFAULT_INIT), "init")
+    if init == "/":
+        raise PlanError("init", 'expected the path of a program, found "/"')
+
+    policy = obj.get("failure_policy", DEFAULT_FAILURE_POLICY)
+    if policy not in FAILURE_POLICIES:
+        raise PlanError("failure_policy", f"expected one of {', '.join(FAILURE_POLICIES)}, found {_found(policy)}")
+
+    timeout = _parse_timeout(obj.get("device_timeout", DEFAULT_DEVICE_TIMEOUT), "device_timeout")
+
+    raw_mounts = obj["mounts"]
+    if not isinstance(raw_mounts, list):
+        raise PlanError("mounts", f"expected a list of mounts, found {_found(raw_mounts)}")
+    mounts: list[Mount] = []
+    targets: dict[str, int] = {}
+    for i, raw in enumerate(raw_mounts):
+        mount = _parse_mount(raw, f"mounts[{i}]")
+        if mount.target in targets:
+            raise PlanError(
+                f"mounts[{i}].target", f"{mount.target} is already the target of mounts[{targets[mount.target]}]"
+            )
+        targets[mount.target] = i
+        mounts.append(mount)
+    if "/" not in targets:
+        raise PlanError("mounts", 'expected exactly one mount with target "/", found none')
+
+    raw_steps = obj.get("steps", [])
+    if not isinstance(raw_steps, list):
+        raise PlanError("steps", f"expected a list of steps, found {_found(raw_steps)}")
+    steps: list[Step] = []
+    for i, raw in enumerate(raw_steps):
+        where = f"steps[{i}]"
+        step_obj = expect_object(raw, where)
+        if "op" not in step_obj:
+            raise PlanError(f"{where}.op", "missing (required)")
+        op = step_obj["op"]
+        parser = OPERATIONS.get(op) if isinstance(op, str) else None
+        if parser is None:
+            known = ", ".join(sorted(OPERATIONS))
+            raise PlanError(f"{where}.op", f"unknown operation {_found(op)} (known: {known})")
+        steps.append(parser(step_obj, where))
+
+    return Plan(
+        version=version,
+        name=name,
+        init=init,
+        failure_policy=policy,
+        device_timeout=timeout,
+        mounts=tuple(mounts),
+        steps=tuple(steps),
+        digest=digest_of(doc),
+    )
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json's default keeps the last of two equal keys; in a plan that is a silent typo."""
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise PlanError("", f"duplicate key {_found(key)} in an object")
+        result[key] = value
+    return result
+
+
+def _no_constant(name: str) -> Any:
+    raise PlanError("", f"{name} is not valid JSON")
+
+
+def load_plan(path: str | Path) -> Plan:
+    """Read, decode and validate a plan file; every failure is a :class:`PlanError`."""
+    source = str(path)
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise PlanError("", f"cannot read: {exc.strerror or exc}", source=source) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PlanError("", f"not UTF-8 (byte {exc.start})", source=source) from None
+    try:
+        doc = json.loads(text, object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constant)
+    except json.JSONDecodeError as exc:
+        raise PlanError("", f"invalid JSON: {exc.msg}", source=source, line=exc.lineno, column=exc.colno) from None
+    except PlanError as exc:
+        exc.source = source
+        raise
+    return validate_plan(doc, source)
