@@ -24,12 +24,12 @@ from .freeze import INITRD_DATA, FrozenAgent, freeze_agent
 from .kernel import KernelRef
 from .kmod import read_module_list as read_list
 
-BUILDER_FORMAT = "2"   # bump when the base layout changes, to invalidate cached bases
+BUILDER_FORMAT = "3"   # bump when the base layout changes, to invalidate cached bases
 DEFAULT_MODULES = INITRD_DATA / "modules.default"
 DLOPEN_LIBS = INITRD_DATA / "dlopen-libs"
 
 PLAN_IN_INITRD = "etc/supercharge/plan.json"
-MODULES_LOAD = "etc/supercharge/modules.load"
+MODULES_LOAD = "etc/supercharge/modules.json"
 CA_BUNDLE = "etc/ssl/certs/ca-certificates.crt"
 
 # Nodes Python and the kernel need before devtmpfs is mounted (initramfs-notes pitfall 3).
@@ -133,12 +133,15 @@ def _write_base(writer: CpioWriter, agent: FrozenAgent, kernel: KernelRef,
 
     resolved = resolve_modules(kernel.modules_dir, modules)
     order = getattr(resolved, "order", resolved)
-    load_lines = []
+    load = []
+    filesystems = sorted({m.name for m in order if m.relpath.startswith("kernel/fs/")}
+                         & {root for m in order for root in m.wanted_by})
     for mod in order:
         inside = f"lib/modules/{kernel.version}/{mod.relpath}"
         writer.add_file(_merged_usr(inside), mod.path, 0o644)
-        load_lines.append("/" + inside)
-    writer.add_file(MODULES_LOAD, ("\n".join(load_lines) + "\n").encode(), 0o644)
+        load.append({"path": "/" + inside, "wanted_by": list(mod.wanted_by), "softdep": mod.softdep})
+    doc = {"kernel": kernel.version, "filesystems": filesystems, "modules": load}
+    writer.add_file(MODULES_LOAD, json.dumps(doc, indent=1).encode(), 0o644)
     if ca is not None:
         writer.add_file(CA_BUNDLE, ca.read_bytes(), 0o644)
     info = {"builder_format": BUILDER_FORMAT, "kernel": kernel.version, "agent": agent.key,

@@ -41,6 +41,9 @@ class KernelModule:
     relpath: str
     path: Path
     softdep: bool = False
+    # The requested modules that pull this one in: the agent skips a file
+    # system's whole closure when the plan mounts nothing of that type.
+    wanted_by: tuple[str, ...] = ()
 
 
 @dataclass
@@ -223,12 +226,15 @@ def resolve_modules(modules_dir: Path, names: Iterable[str]) -> ModulePlan:
     members = _closure(index, roots, plan)
     required = _hard_closure(index, roots)
     before, after = _edges(index, members)
+    per_root = {root: _closure(index, [root], None) for root in roots}
     for name in _order(roots, before, after):
         relpath = index.relpaths[name]
         path = index.modules_dir / relpath
         if not path.is_file():
             raise UserError(f"module '{name}' is listed in {index.modules_dir / 'modules.dep'} but {path} is missing")
-        plan.order.append(KernelModule(name, relpath, path, softdep=name not in required))
+        wanted_by = tuple(root for root in roots if name in per_root[root])
+        plan.order.append(KernelModule(name, relpath, path, softdep=name not in required,
+                                       wanted_by=wanted_by))
     return plan
 
 
@@ -260,7 +266,7 @@ def _soft_targets(index: ModuleIndex, module: str, kind: str, plan: ModulePlan |
     return targets
 
 
-def _closure(index: ModuleIndex, roots: list[str], plan: ModulePlan) -> set[str]:
+def _closure(index: ModuleIndex, roots: list[str], plan: ModulePlan | None) -> set[str]:
     """Every module reachable from the roots through hard and soft dependencies."""
     seen: set[str] = set()
     stack = list(reversed(roots))
