@@ -8,6 +8,7 @@ is 0 only when the agent handed over to the real init.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from guest_init.report import MARKER, parse_console
@@ -59,13 +60,17 @@ def boot_domain(config: Path, *, accel: str | None = None, timeout: float = 300.
                             "stopped": run.stopped, "returncode": run.returncode,
                             "seconds": round(run.duration, 2)}
     write_report(report, state / "report.json")
+    outcome = (report.get("outcome") or {}).get("outcome")
     if not quiet:
         if as_json:
             print(json.dumps(report, indent=2, sort_keys=True))
         else:
             print(render_report(report))
             print(f"console: {console}\nreport:  {state / 'report.json'}")
-    outcome = (report.get("outcome") or {}).get("outcome")
+    if run.timed_out:
+        what = ("the guest was still running" if outcome == "switched"
+                else "the guest had not finished its boot report")
+        print(f"supercharge: timeout after {timeout:g} s: {what}; qemu was ended", file=sys.stderr)
     if outcome == "switched":
         return EXIT_OK
     if outcome is None and run.timed_out:
