@@ -49,9 +49,8 @@ def boot_domain(config: Path, *, accel: str | None = None, timeout: float = 300.
     domain = load_domain_config(config)
     state = domain_state_dir(domain.name, state_dir)
     console = state / "console.log"
-    console.write_bytes(b"")
     settings = QemuSettings(accel=accel) if accel else QemuSettings()
-    cmd = qemu_command(domain, console, settings)
+    cmd = qemu_command(domain, console, settings)   # validates disks before the old capture goes
     run = run_qemu(cmd, console, timeout=timeout, should_stop=_stopper(after))
     report = parse_console(console.read_bytes())
     report["console"] = str(console)

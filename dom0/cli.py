@@ -146,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     boot.add_argument("--json", action="store_true", help="print the report as JSON")
     boot.set_defaults(func=cmd_boot)
 
+    from .container.cli import add_parser as add_container_parser
+
+    add_container_parser(sub)
+
     demo = sub.add_parser("demo", help="build, boot and report a demo domain under qemu")
     demo.add_argument("--workdir", help="where the demo's image, plan and initrd go")
     demo.add_argument("--accel", default=None, help="qemu accelerator: tcg (default) or kvm")

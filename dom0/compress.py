@@ -55,12 +55,18 @@ def check_method(method: str) -> str:
     return method
 
 
+LEVEL_RANGES = {"zstd": (1, 22), "gzip": (0, 9), "xz": (0, 9)}
+
+
 def compress(data: bytes, method: str, level: int | None = None) -> bytes:
     """Compress ``data`` as one stream of ``method`` that the kernel's initramfs unpacker accepts."""
     check_method(method)
     if method == "none":
         return bytes(data)
     lvl = DEFAULT_LEVELS[method] if level is None else int(level)
+    low, high = LEVEL_RANGES[method]
+    if not low <= lvl <= high:
+        raise UserError(f"compression level {lvl} is out of range for {method}: expected {low} to {high}")
     if method == "zstd":
         return _compress_zstd(data, lvl)
     if method == "gzip":

@@ -94,6 +94,8 @@ class CpioWriter:
         self._closed = False
         self.files = 0
         self.bytes_in = 0
+        # (uid, gid, mtime) of the entry being written by a preserving add_tree
+        self._stamp: tuple[int, int, int] | None = None
 
     # -- public API ---------------------------------------------------------
 
@@ -156,7 +158,8 @@ class CpioWriter:
         self._claim(name)
         self._write_entry(name, fmt | (mode & 0o7777), b"", rdev=(major, minor))
 
-    def add_tree(self, src: Path, prefix: str = "") -> None:
+    def add_tree(self, src: Path, prefix: str = "", *, preserve: bool = False,
+                 exclude: tuple[str, ...] = ()) -> None:
         """Add everything below ``src`` (not ``src`` itself) under ``prefix``.
 
         The prefix directory, if any, is created as a 0755 parent when missing.
@@ -168,6 +171,11 @@ class CpioWriter:
         keeps permission bits, stores symlinks as symlinks (never followed) and
         device nodes as device nodes. Sockets and FIFOs are rejected: nothing in an
         initramfs tree should be one, and silently dropping it would hide a bug.
+
+        ``preserve`` keeps each entry's owner and mtime (an archive of a file
+        system, where /etc/shadow must stay group shadow); the default stamps
+        root and the writer's mtime, for reproducible initramfs archives.
+        ``exclude`` names paths relative to ``src`` to leave out (``lost+found``).
         """
         src = Path(src)
         if not src.is_dir():
@@ -175,7 +183,7 @@ class CpioWriter:
         base = normalize_name(prefix) if prefix.strip("/.") else ""
         if base and base not in self._paths:
             self._ensure_parents(base + "/-")  # the prefix itself, as an implicit 0755 dir
-        self._add_tree_dir(src, base)
+        self._add_tree_dir(src, base, preserve, set(exclude), "")
 
     def close(self) -> None:
         """Write the trailer and pad the archive to a multiple of 512 bytes."""
@@ -196,23 +204,31 @@ class CpioWriter:
 
     # -- internals ----------------------------------------------------------
 
-    def _add_tree_dir(self, directory: Path, base: str) -> None:
+    def _add_tree_dir(self, directory: Path, base: str, preserve: bool = False,
+                      exclude: set[str] | None = None, rel_src: str = "") -> None:
         for child in sorted(directory.iterdir(), key=lambda p: p.name):
             rel = f"{base}/{child.name}" if base else child.name
+            child_src = f"{rel_src}/{child.name}" if rel_src else child.name
+            if exclude and child_src in exclude:
+                continue
             st = child.lstat()
-            if stat.S_ISLNK(st.st_mode):
-                self.add_symlink(rel, os.readlink(child))
-            elif stat.S_ISDIR(st.st_mode):
-                if not stat.S_ISDIR(self._paths.get(rel, 0)):
-                    self.add_dir(rel, st.st_mode)
-                self._add_tree_dir(child, rel)
-            elif stat.S_ISREG(st.st_mode):
-                self.add_file(rel, child, st.st_mode)
-            elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
-                kind = "c" if stat.S_ISCHR(st.st_mode) else "b"
-                self.add_device(rel, kind, os.major(st.st_rdev), os.minor(st.st_rdev), st.st_mode)
-            else:
-                raise ValueError(f"cpio: {child} is neither file, directory, symlink nor device")
+            self._stamp = (st.st_uid, st.st_gid, int(st.st_mtime)) if preserve else None
+            try:
+                if stat.S_ISLNK(st.st_mode):
+                    self.add_symlink(rel, os.readlink(child))
+                elif stat.S_ISDIR(st.st_mode):
+                    if not stat.S_ISDIR(self._paths.get(rel, 0)):
+                        self.add_dir(rel, st.st_mode)
+                    self._add_tree_dir(child, rel, preserve, exclude, child_src)
+                elif stat.S_ISREG(st.st_mode):
+                    self.add_file(rel, child, st.st_mode)
+                elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+                    kind = "c" if stat.S_ISCHR(st.st_mode) else "b"
+                    self.add_device(rel, kind, os.major(st.st_rdev), os.minor(st.st_rdev), st.st_mode)
+                else:
+                    raise ValueError(f"cpio: {child} is neither file, directory, symlink nor device")
+            finally:
+                self._stamp = None
 
     def _claim(self, name: str) -> None:
         """Reject a second add of ``name``, then make sure its parents exist."""
@@ -248,7 +264,8 @@ class CpioWriter:
         self, name: str, *, ino: int, mode: int, nlink: int, size: int, rdev: tuple[int, int],
     ) -> None:
         encoded = name.encode("utf-8", "surrogateescape") + b"\0"
-        values = (ino, mode, 0, 0, nlink, self.mtime, size, 0, 0, rdev[0], rdev[1], len(encoded), 0)
+        uid, gid, mtime = self._stamp or (0, 0, self.mtime)
+        values = (ino, mode, uid, gid, nlink, mtime, size, 0, 0, rdev[0], rdev[1], len(encoded), 0)
         for field, value in zip(_FIELDS, values):
             if not 0 <= value <= 0xFFFFFFFF:
                 raise ValueError(f"cpio: {field}={value} does not fit in newc for {name!r}")

@@ -33,11 +33,11 @@ from dom0.errors import UserError
 
 ELF_MAGIC = b"\x7fELF"
 
+# The directories Debian's loader searches with no ld.so.cache (the initramfs has
+# none); /lib64 is not among them: the loader itself is placed by PT_INTERP.
 DEFAULT_SYSTEM_DIRS: tuple[Path, ...] = (
     Path("/lib/x86_64-linux-gnu"),
     Path("/usr/lib/x86_64-linux-gnu"),
-    Path("/lib64"),
-    Path("/usr/lib64"),
     Path("/lib"),
     Path("/usr/lib"),
 )

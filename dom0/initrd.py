@@ -227,6 +227,8 @@ def prepare_initrd(kernel: KernelRef, output: Path, *, plan: Path | None = None,
         raise UserError(f"{plan}: plan not found")
     if not output.parent.is_dir():
         raise UserError(f"{output.parent}: output directory does not exist")
+    if output.is_dir():
+        raise UserError(f"{output}: is a directory; expected a file name for the initrd")
     segment, seg_files = (plan_segment(plan) if plan is not None else (b"", 0))
     base = build_base(kernel, extra_modules=list(extra_modules), method=method, level=level)
     chunks = [base.path.read_bytes()]

@@ -75,6 +75,8 @@ def fetch_kernel(version: str | None = None) -> tuple[KernelRef, bool]:
     if hit:
         return hit, True
     package = f"linux-image-{version}"
+    if shutil.which("apt-get") is None:
+        raise EnvironmentProblem("'apt-get' not found: it is needed to download Debian kernels")
     with tempfile.TemporaryDirectory(prefix="kernel-", dir=kernels_dir()) as tmp:
         work = Path(tmp)
         proc = subprocess.run(["apt-get", "download", "-q", "-o", "APT::Sandbox::User=root", package],

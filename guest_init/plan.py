@@ -122,6 +122,60 @@ class ReplaceStep(Step):
 
 
 @dataclass(frozen=True)
+class Artifact:
+    """Something the agent fetches: its URI and, when dom0 pinned it, its SHA-256.
+
+    An artifact without a pin must carry a valid signature from a trusted key.
+    """
+
+    uri: str
+    sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class CopyStep(Step):
+    """Fetch ``source`` and install it as the file ``path``, atomically."""
+
+    op: ClassVar[str] = "copy"
+    path: str
+    source: Artifact
+    mode: int = DEFAULT_MODE
+    uid: int | None = None
+    gid: int | None = None
+
+
+@dataclass(frozen=True)
+class PatchStep(Step):
+    """Fetch a unified diff and apply it under ``dir`` with ``strip`` (patch -pN)."""
+
+    op: ClassVar[str] = "patch"
+    source: Artifact
+    dir: str = "/"
+    strip: int = 1
+
+
+@dataclass(frozen=True)
+class ExtractStep(Step):
+    """Fetch a cpio or tar archive and unpack it safely into ``dir``."""
+
+    op: ClassVar[str] = "extract"
+    source: Artifact
+    dir: str
+
+
+@dataclass(frozen=True)
+class HookStep(Step):
+    """A post-processing script run chrooted in the target, with a timeout."""
+
+    op: ClassVar[str] = "hook"
+    name: str
+    script: bytes | None = None
+    source: Artifact | None = None
+    interpreter: str = "/bin/sh"
+    timeout: float = 60.0
+
+
+@dataclass(frozen=True)
 class Plan:
     """A validated plan.  ``digest`` is the SHA-256 of the canonical JSON document."""
 
@@ -288,10 +342,74 @@ def parse_replace(obj: dict[str, Any], where: str) -> ReplaceStep:
     )
 
 
+def _parse_artifact(obj: dict[str, Any], where: str) -> Artifact:
+    uri = expect_str(obj["uri"], _join(where, "uri"))
+    if "://" not in uri and not uri.startswith("/"):
+        raise PlanError(_join(where, "uri"), f"expected a URI (file://, http://, https://, ftp://), found {_found(uri)}")
+    pin = obj.get("sha256")
+    if pin is not None:
+        pin = expect_str(pin, _join(where, "sha256"))
+        if len(pin) != 64 or not set(pin) <= _HEX:
+            raise PlanError(_join(where, "sha256"), f"expected 64 lowercase hex digits, found {_found(pin)}")
+    return Artifact(uri=uri, sha256=pin)
+
+
+def parse_copy(obj: dict[str, Any], where: str) -> CopyStep:
+    """``{"op": "copy", "path", "uri", "sha256"?, "mode"?, "uid"?, "gid"?}``."""
+    expect_keys(obj, where, ("op", "path", "uri"), ("sha256", "mode", "uid", "gid"))
+    return CopyStep(
+        path=_expect_file_path(obj["path"], _join(where, "path")),
+        source=_parse_artifact(obj, where),
+        mode=expect_mode(obj["mode"], _join(where, "mode")) if "mode" in obj else DEFAULT_MODE,
+        uid=expect_id(obj.get("uid"), _join(where, "uid")),
+        gid=expect_id(obj.get("gid"), _join(where, "gid")),
+    )
+
+
+def parse_patch(obj: dict[str, Any], where: str) -> PatchStep:
+    """``{"op": "patch", "uri", "sha256"?, "dir"? ("/"), "strip"? (1)}``."""
+    expect_keys(obj, where, ("op", "uri"), ("sha256", "dir", "strip"))
+    return PatchStep(
+        source=_parse_artifact(obj, where),
+        dir=expect_guest_path(obj.get("dir", "/"), _join(where, "dir")),
+        strip=expect_int(obj.get("strip", 1), _join(where, "strip"), minimum=0),
+    )
+
+
+def parse_extract(obj: dict[str, Any], where: str) -> ExtractStep:
+    """``{"op": "extract", "uri", "sha256"?, "dir"}``."""
+    expect_keys(obj, where, ("op", "uri", "dir"), ("sha256",))
+    return ExtractStep(source=_parse_artifact(obj, where),
+                       dir=expect_guest_path(obj["dir"], _join(where, "dir")))
+
+
+def parse_hook(obj: dict[str, Any], where: str) -> HookStep:
+    """``{"op": "hook", "name", "script" | "uri" (+ "sha256"), "interpreter"?, "timeout"?}``."""
+    expect_keys(obj, where, ("op", "name"), ("script", "uri", "sha256", "interpreter", "timeout"))
+    name = expect_str(obj["name"], _join(where, "name"))
+    if ("script" in obj) == ("uri" in obj):
+        raise PlanError(where, 'expected exactly one of "script" and "uri"')
+    script = source = None
+    if "script" in obj:
+        script = expect_str(obj["script"], _join(where, "script")).encode()
+    else:
+        source = _parse_artifact(obj, where)
+    timeout = obj.get("timeout", 60)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 86400:
+        raise PlanError(_join(where, "timeout"), f"expected seconds between 0 and 86400, found {_found(timeout)}")
+    return HookStep(name=name, script=script, source=source,
+                    interpreter=expect_guest_path(obj.get("interpreter", "/bin/sh"), _join(where, "interpreter")),
+                    timeout=float(timeout))
+
+
 #: Parser for each ``"op"``: ``parser(step_object, "steps[i]") -> Step``.
 #: A parser raises :class:`PlanError` naming the field; the source is added later.
 OPERATIONS: dict[str, Callable[[dict[str, Any], str], Step]] = {
     "replace": parse_replace,
+    "copy": parse_copy,
+    "patch": parse_patch,
+    "extract": parse_extract,
+    "hook": parse_hook,
 }
 
 

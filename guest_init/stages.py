@@ -210,8 +210,12 @@ def apply(ctx: BootContext) -> dict:
 
     for index, step in enumerate(ctx.plan.steps):
         started = time.monotonic()
+        applier = OP_APPLIERS.get(step.op)
+        if applier is None:
+            raise StageFailed(f"steps[{index}]: operation '{step.op}' is not supported by this agent",
+                              {"step": index, "op": step.op, "applied": ctx.applied})
         try:
-            result = OP_APPLIERS[step.op](SYSROOT, step)
+            result = applier(SYSROOT, step)
         except (OpError, OSError, ValueError) as exc:
             raise StageFailed(f"steps[{index}] ({step.op} {getattr(step, 'path', '')}): {exc}",
                               {"step": index, "op": step.op, "applied": ctx.applied}) from None

@@ -1,0 +1,93 @@
+"""``supercharge container`` and ``vm-container`` (the paper's Figure 2 command line)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from ..errors import EXIT_OK, UserError
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def run_containers(files: list[str], stripped: str, plan: str | None, log: str | None,
+                   workdir: str | None, as_json: bool) -> int:
+    from .parse import load_container
+    from .process import Workspace, process_container
+
+    if len(files) > 1 and plan is not None:
+        raise UserError("--plan names one file; with several containers the plans go beside the "
+                        "stripped configs in the --stripped directory")
+    containers = [load_container(Path(f)) for f in files]   # parse all first: fail before changing anything
+    out_dir = Path(stripped) if len(files) > 1 else None
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    workspace = Workspace(Path(workdir) if workdir else Path(files[0]).resolve().parent)
+    summary = []
+    log_lines: list[str] = []
+    for container in containers:
+        result = process_container(container, workspace)
+        stem = Path(container.path).stem
+        cfg_path = out_dir / f"{stem}.cfg" if out_dir else Path(stripped)
+        _atomic_write(cfg_path, result.stripped)
+        plan_path = None
+        if result.plan is not None:
+            plan_path = (out_dir / f"{stem}.plan.json" if out_dir
+                         else Path(plan) if plan else cfg_path.with_name(cfg_path.name + ".plan.json"))
+            _atomic_write(plan_path, json.dumps(result.plan, indent=2, sort_keys=True) + "\n")
+        log_lines += [entry.line() for entry in result.log]
+        summary.append({"container": container.path, "stripped": str(cfg_path),
+                        "plan": str(plan_path) if plan_path else None,
+                        "expressions": [vars(e) for e in result.log]})
+        if not as_json:
+            for entry in result.log:
+                print(entry.line())
+            print(f"stripped config: {cfg_path}" + (f"\nplan: {plan_path}" if plan_path else ""))
+    if log:
+        with open(log, "a") as out:
+            out.writelines(line + "\n" for line in log_lines)
+    if as_json:
+        print(json.dumps(summary if len(summary) > 1 else summary[0], indent=2, default=str))
+    return EXIT_OK
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("container", help="process container files: build, fetch, patch, fork; write "
+                                         "the stripped xl config and the boot plan")
+    p.add_argument("files", nargs="+", metavar="FILE", help="container file(s)")
+    p.add_argument("--stripped", required=True,
+                   help="where the stripped xl config goes (a directory when several files are given)")
+    p.add_argument("--plan", help="where the boot plan goes (default: STRIPPED.plan.json)")
+    p.add_argument("--log", help="append one line per expression to this file")
+    p.add_argument("--dir", help="working directory for fetched and expanded archives "
+                                 "(default: the container's directory)")
+    p.add_argument("--json", action="store_true", help="print a JSON summary")
+    p.set_defaults(func=lambda a: run_containers(a.files, a.stripped, a.plan, a.log, a.dir, a.json))
+
+
+def vm_container_main(argv: list[str] | None = None) -> int:
+    """The paper's Figure 2: vm-container --container F --stripped OUT --log LOG --dir DIR."""
+    parser = argparse.ArgumentParser(prog="vm-container",
+                                     description="Process a domain container file (Supercharge).")
+    parser.add_argument("--container", required=True)
+    parser.add_argument("--stripped", required=True)
+    parser.add_argument("--log")
+    parser.add_argument("--dir")
+    parser.add_argument("--plan")
+    args = parser.parse_args(argv)
+    try:
+        return run_containers([args.container], args.stripped, args.plan, args.log, args.dir, False)
+    except UserError as exc:
+        print(f"vm-container: {exc}", file=sys.stderr)
+        return exc.exit_code

@@ -1,0 +1,507 @@
+"""Process a container file: one pass over its expressions, in the order written.
+
+dom0-time expressions (create, image, populate, and replace/copy/patch on an
+archive or image) are carried out now, through the same operation code the
+guest agent uses; boot-time ones (``at boot``, hooks, mounts) are compiled into
+the domain's plan, every fetched artifact pinned by the SHA-256 computed here.
+
+Archives are fetched and expanded once per :class:`Workspace` (one invocation,
+however many containers it processes).  Each container changes its own working
+copy, made of hard links to the expanded base: every operation replaces files
+by writing a new file and renaming it, so a shared inode is never changed in
+place and a new domain costs only the files it changes.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import shutil
+import stat
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+from guest_init.ops import OpError, apply_replace
+from guest_init.plan import PlanError, ReplaceStep, validate_plan
+
+from ..cpio import CpioWriter
+from ..compress import compress
+from ..errors import EXIT_FAILED, UserError
+from ..xlcfg import write_xl_config
+from .model import Container, Copy, Create, Expr, FileChange, Hook, Image, Mount, Patch, Populate, Replace
+
+STATE = ".supercharge"
+
+
+def _suffix_compression(uri: str) -> str:
+    path = urlsplit(uri).path if "://" in uri else uri
+    for suffix, method in ((".zst", "zstd"), (".zstd", "zstd"), (".xz", "xz"), (".gz", "gzip"),
+                           (".cpio", "none")):
+        if path.endswith(suffix):
+            return method
+    return "gzip"
+
+
+def local_path(uri: str) -> Path | None:
+    """The dom0 path of a ``file://`` URI (or a plain path), else None."""
+    if uri.startswith("file://"):
+        return Path(unquote(urlsplit(uri).path))
+    if "://" not in uri:
+        return Path(uri)
+    return None
+
+
+def hardlink_clone(src: Path, dest: Path) -> None:
+    """A copy of ``src`` made of hard links (directories and symlinks are real copies)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for dirpath, dirnames, filenames in os.walk(src):
+        rel = Path(dirpath).relative_to(src)
+        target_dir = dest / rel
+        for name in dirnames:
+            s = Path(dirpath) / name
+            d = target_dir / name
+            if s.is_symlink():
+                d.symlink_to(os.readlink(s))
+            else:
+                d.mkdir(exist_ok=True)
+                shutil.copystat(s, d, follow_symlinks=False)
+        for name in filenames:
+            s = Path(dirpath) / name
+            d = target_dir / name
+            if s.is_symlink():
+                d.symlink_to(os.readlink(s))
+            else:
+                os.link(s, d)
+    shutil.copystat(src, dest)
+
+
+def archive_tree(tree: Path, uri: str, out: Path) -> int:
+    """Write ``tree`` as a cpio newc archive, compressed as the URI's suffix says."""
+    buf = io.BytesIO()
+    writer = CpioWriter(buf)
+    # A file system's archive keeps owners and mtimes; the image's lost+found is not content.
+    writer.add_tree(tree, preserve=True, exclude=("lost+found",))
+    writer.close()
+    data = compress(buf.getvalue(), _suffix_compression(uri))
+    out.write_bytes(data)
+    return len(data)
+
+
+@dataclass
+class LogEntry:
+    where: str
+    kind: str
+    summary: str
+    action: str
+    seconds: float
+    bytes: int = 0
+
+    def line(self) -> str:
+        return (f"{self.where}: {self.kind} {self.summary}: {self.action} "
+                f"({self.seconds:.3f} s, {self.bytes} bytes)")
+
+
+@dataclass
+class ContainerResult:
+    container: Container
+    stripped: str
+    plan: dict | None
+    log: list[LogEntry] = field(default_factory=list)
+    disks: list[str] = field(default_factory=list)
+
+
+class Workspace:
+    """What one invocation shares between containers: fetched files and expanded archives."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.state = root / STATE
+        self.fetch_dir = self.state / "fetch"
+        self.expand_dir = self.state / "expanded"
+        self.work_dir = self.state / "work"
+        for d in (self.fetch_dir, self.expand_dir, self.work_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        self._expanded: dict[str, Path] = {}
+        self._fetched: dict[str, tuple[Path, str, int]] = {}
+
+    def fetch(self, uri: str) -> tuple[Path, str, int]:
+        """(path, sha256, size) of ``uri``'s content, fetched once."""
+        hit = self._fetched.get(uri)
+        if hit is None:
+            from ..store import fetch_to_cache_result
+
+            result = fetch_to_cache_result(uri, self.fetch_dir)
+            hit = (result.path, result.sha256, result.size)
+            self._fetched[uri] = hit
+        return hit
+
+    def expanded(self, uri: str) -> Path:
+        """The archive at ``uri``, expanded once; never changed (containers clone it)."""
+        hit = self._expanded.get(uri)
+        if hit is not None:
+            return hit
+        from guest_init.archive import ArchiveError, extract_archive
+
+        path, digest, _ = self.fetch(uri)
+        dest = self.expand_dir / digest[:32]
+        if not dest.is_dir():
+            tmp = Path(tempfile.mkdtemp(prefix=".expand-", dir=self.expand_dir))
+            try:
+                extract_archive(path, tmp / "tree", preserve_owner=os.geteuid() == 0)
+            except ArchiveError as exc:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise UserError(f"{uri}: {exc}") from None
+            os.replace(tmp / "tree", dest)
+            tmp.rmdir()
+        self._expanded[uri] = dest
+        return dest
+
+
+class ContainerRun:
+    """One container's pass: its working trees, fresh images, plan and log."""
+
+    def __init__(self, workspace: Workspace, container: Container) -> None:
+        self.ws = workspace
+        self.c = container
+        self.base_dir = Path(container.path).resolve().parent if container.path else Path.cwd()
+        stem = Path(container.path).name if container.path else "container"
+        self.work = Path(tempfile.mkdtemp(prefix=f"{stem}-", dir=workspace.work_dir))
+        self.trees: dict[str, Path] = {}
+        self.fresh_images: set[Path] = set()
+        self.disks: list[str] = []
+        self.mounts: list[dict] = []
+        self.steps: list[dict] = []
+        self.log: list[LogEntry] = []
+
+    # -- helpers -------------------------------------------------------------------
+
+    def where(self, expr: Expr) -> str:
+        return str(expr.pos)
+
+    def fail(self, expr: Expr, message: str, field_name: str | None = None) -> UserError:
+        pos = expr.where(field_name) if field_name else expr.pos
+        return UserError(f"{pos}: {message}")
+
+    def dom0_path(self, text: str) -> Path:
+        path = Path(text)
+        return path if path.is_absolute() else self.base_dir / path
+
+    def uri(self, text: str) -> str:
+        """Relative file:// paths are relative to the container's directory."""
+        if text.startswith("file://"):
+            return "file://" + str(self.dom0_path(unquote(urlsplit(text).path)))
+        return text
+
+    def tree(self, uri: str) -> Path:
+        """This container's working copy of an archive (a hard-link clone of the base)."""
+        uri = self.uri(uri)
+        hit = self.trees.get(uri)
+        if hit is None:
+            base = self.ws.expanded(uri)
+            hit = self.work / hashlib.sha256(uri.encode()).hexdigest()[:16]
+            hardlink_clone(base, hit)
+            self.trees[uri] = hit
+        return hit
+
+    def is_image(self, path: Path) -> bool:
+        from guest_init.devices import read_fs_identity
+
+        try:
+            return path.is_file() and read_fs_identity(path) is not None
+        except OSError:
+            return False
+
+    def store_file(self, expr: Expr, data_path: Path, uri: str) -> int:
+        from ..store import store
+
+        return store(data_path, self.uri(uri)).size
+
+    def fork(self, expr: Expr, tree: Path, uri: str) -> int:
+        out = self.work / f".fork-{os.getpid()}-{len(self.log)}"
+        try:
+            size = archive_tree(tree, uri, out)
+            self.store_file(expr, out, uri)
+        finally:
+            out.unlink(missing_ok=True)
+        return size
+
+    def patch_out(self, expr: Expr, patch: bytes, uri: str) -> int:
+        out = self.work / f".patch-out-{len(self.log)}"
+        out.write_bytes(patch)
+        try:
+            self.store_file(expr, out, uri)
+        finally:
+            out.unlink(missing_ok=True)
+        return len(patch)
+
+    # -- file-system targets -----------------------------------------------------------
+
+    def open_target(self, expr: FileChange):
+        """A context manager yielding the root of the file system ``expr`` changes."""
+        from contextlib import nullcontext
+
+        if expr.archive:
+            return nullcontext(self.tree(expr.archive))
+        image = self.dom0_path(expr.image)
+        if not image.is_file():
+            raise self.fail(expr, f"image {image} not found", "image")
+        from ..images import mounted_image
+
+        self.fresh_images.discard(image)
+        return mounted_image(image)
+
+    @staticmethod
+    def in_tree(tree: Path, guest_path: str) -> str:
+        """Where a guest path lies in a file system that may hold one directory's contents.
+
+        A tree that has the path's top directory (``etc/``) is a whole root.
+        Otherwise it is that directory's file system, as the paper's /etc
+        archive is: ``/etc/HOSTNAME`` is ``HOSTNAME`` in it.
+        """
+        parts = [p for p in guest_path.split("/") if p]
+        if len(parts) > 1 and not (tree / parts[0]).is_dir():
+            parts = parts[1:]
+        return "/" + "/".join(parts)
+
+    def owner_ids(self, expr: FileChange, tree: Path) -> tuple[int | None, int | None]:
+        if expr.owner is None:
+            return None, None
+        user, group = expr.owner
+        return (self._lookup_id(expr, tree, "passwd", user), self._lookup_id(expr, tree, "group", group))
+
+    def _lookup_id(self, expr: Expr, tree: Path | None, table: str, name: str) -> int:
+        if name.isdigit():
+            return int(name)
+        if name == "root":
+            return 0
+        if tree is not None:
+            for candidate in (tree / "etc" / table, tree / table):
+                if candidate.is_file():
+                    for line in candidate.read_text(errors="replace").splitlines():
+                        fields = line.split(":")
+                        if len(fields) > 2 and fields[0] == name and fields[2].isdigit():
+                            return int(fields[2])
+        raise self.fail(expr, f"owner: no {'user' if table == 'passwd' else 'group'} '{name}' in the "
+                        f"target's /etc/{table}; use a number", "owner")
+
+    # -- the expressions -----------------------------------------------------------------
+
+    def run(self) -> ContainerResult:
+        handlers = {"create": self.do_create, "image": self.do_image, "populate": self.do_populate,
+                    "replace": self.do_change, "copy": self.do_change, "patch": self.do_patch,
+                    "hook": self.do_hook, "mount": self.do_mount}
+        for expr in self.c.expressions:
+            started = time.monotonic()
+            summary, action, moved = handlers[expr.kind](expr)
+            self.log.append(LogEntry(self.where(expr), expr.kind, summary, action,
+                                     time.monotonic() - started, moved))
+        plan = self.build_plan()
+        stripped = self.stripped()
+        shutil.rmtree(self.work, ignore_errors=True)
+        return ContainerResult(self.c, stripped, plan, self.log, self.disks)
+
+    def do_create(self, expr: Create) -> tuple[str, str, int]:
+        src = self.dom0_path(expr.src_dir)
+        if not src.is_dir():
+            raise self.fail(expr, f"{src}: directory not found", "src_dir")
+        out = self.work / f".create-{len(self.log)}"
+        try:
+            size = archive_tree(src, expr.uri, out)
+            self.store_file(expr, out, expr.uri)
+        finally:
+            out.unlink(missing_ok=True)
+        return f"{expr.src_dir} {expr.uri}", f"archived and stored ({_suffix_compression(expr.uri)})", size
+
+    def do_image(self, expr: Image) -> tuple[str, str, int]:
+        from ..images import create_image
+
+        path = self.dom0_path(expr.path)
+        create_image(path, expr.size, expr.label, expr.fstype)
+        self.fresh_images.add(path)
+        action = f"created {expr.fstype}, label {expr.label}"
+        if expr.export:
+            self.disks.append(f"format=raw, vdev={expr.export}, access={expr.access}, target={path}")
+            action += f", exported as {expr.export} ({expr.access})"
+        return f"{expr.path} {expr.size}", action, 0
+
+    def do_populate(self, expr: Populate) -> tuple[str, str, int]:
+        from ..images import populate_image
+
+        image = self.dom0_path(expr.image)
+        if not image.is_file():
+            raise self.fail(expr, f"image {image} not found", "image")
+        uri = self.uri(expr.uri)
+        tree = self.trees.get(uri) or self.ws.expanded(uri)
+        how = populate_image(image, tree, fresh=image in self.fresh_images)
+        self.fresh_images.discard(image)
+        size = sum(p.stat().st_size for p in tree.rglob("*") if p.is_file() and not p.is_symlink())
+        return f"{expr.image} {expr.uri}", f"populated by {how}", size
+
+    def content_of(self, expr: FileChange) -> tuple[bytes, str | None]:
+        """The new content (and for a boot-time copy, its pin)."""
+        if isinstance(expr, Replace):
+            return expr.content, None
+        path, digest, _ = self.ws.fetch(self.uri(expr.uri))
+        return path.read_bytes(), digest
+
+    def do_change(self, expr: FileChange) -> tuple[str, str, int]:
+        mode = expr.mode if expr.mode is not None else 0o644
+        if expr.at_boot:
+            return self.boot_change(expr, mode)
+        content, _ = self.content_of(expr)
+        moved = len(content)
+        with self.open_target(expr) as root:
+            root = Path(root)
+            rel = self.in_tree(root, expr.path)
+            uid, gid = self.owner_ids(expr, root)
+            old = _read_if_file(root, rel)
+            try:
+                result = apply_replace(root, ReplaceStep(path=rel, content=content, mode=mode, uid=uid, gid=gid))
+            except OpError as exc:
+                raise self.fail(expr, str(exc), "path") from None
+            action = "created" if result.get("created") else "replaced"
+            if expr.patch_out:
+                from guest_init.patch.generate import diff_files
+
+                patch = diff_files(old[0] if old else None, content, rel.lstrip("/"),
+                                   old_mode=old[1] if old else None, new_mode=stat.S_IFREG | mode)
+                moved += self.patch_out(expr, patch, expr.patch_out)
+                action += f", patch stored at {expr.patch_out}"
+            if expr.fork:
+                moved += self.fork(expr, root, expr.fork)
+                action += f", forked to {expr.fork}"
+        target = expr.archive or expr.image
+        return f"{expr.path} in {target}", action, moved
+
+    def boot_change(self, expr: FileChange, mode: int) -> tuple[str, str, int]:
+        uid, gid = self.owner_ids(expr, None)
+        step: dict = {"op": expr.kind, "path": expr.path, "mode": f"{mode:04o}"}
+        if uid is not None:
+            step.update(uid=uid, gid=gid)
+        if isinstance(expr, Replace):
+            try:
+                step["content"] = expr.content.decode("utf-8")
+            except UnicodeDecodeError:
+                import base64
+
+                step["content_base64"] = base64.b64encode(expr.content).decode()
+            moved = len(expr.content)
+        else:
+            _, digest, size = self.ws.fetch(self.uri(expr.uri))
+            step.update(uri=expr.uri, sha256=digest)
+            moved = size
+        self.steps.append(step)
+        return expr.path, "compiled into the plan (at boot)", moved
+
+    def do_patch(self, expr: Patch) -> tuple[str, str, int]:
+        from guest_init.patch import PatchParseError, apply_patch
+
+        path, digest, size = self.ws.fetch(self.uri(expr.patch))
+        if expr.at_boot:
+            step = {"op": "patch", "uri": expr.patch, "sha256": digest, "dir": expr.target,
+                    "strip": expr.strip if expr.strip is not None else 1}
+            self.steps.append(step)
+            return f"{expr.target} {expr.patch}", "compiled into the plan (at boot)", size
+        patch = path.read_bytes()
+        target = self.uri(expr.target)
+        local = local_path(target)
+        if local is not None and self.is_image(local):
+            from ..images import mounted_image
+
+            self.fresh_images.discard(local)
+            ctx = mounted_image(local)
+        else:
+            from contextlib import nullcontext
+
+            ctx = nullcontext(self.tree(target))
+        moved = size
+        with ctx as root:
+            root = Path(root)
+            before = None
+            if expr.patch_out:
+                before = self.work / f".before-{len(self.log)}"
+                shutil.copytree(root, before, symlinks=True)
+            try:
+                result = apply_patch(patch, root, strip=expr.strip if expr.strip is not None else 1,
+                                     source=expr.patch)
+            except PatchParseError as exc:
+                raise self.fail(expr, f"{expr.patch}: {exc}", "patch") from None
+            if result.status == "failed":
+                raise UserError(f"{expr.pos}: patch {expr.patch} does not apply to {expr.target} "
+                                f"(nothing changed):\n{result.render()}", EXIT_FAILED)
+            action = "applied" if result.status == "applied" else "already applied"
+            if before is not None:
+                from guest_init.patch.generate import diff_trees
+
+                moved += self.patch_out(expr, diff_trees(before, root), expr.patch_out)
+                shutil.rmtree(before, ignore_errors=True)
+                action += f", patch stored at {expr.patch_out}"
+            if expr.fork:
+                moved += self.fork(expr, root, expr.fork)
+                action += f", forked to {expr.fork}"
+        return f"{expr.target} {expr.patch}", action, moved
+
+    def do_hook(self, expr: Hook) -> tuple[str, str, int]:
+        step: dict = {"op": "hook", "name": expr.name, "script": expr.script}
+        if expr.timeout is not None:
+            step["timeout"] = expr.timeout
+        if expr.interpreter:
+            step["interpreter"] = expr.interpreter
+        self.steps.append(step)
+        return expr.name, "compiled into the plan (at boot)", len(expr.script.encode())
+
+    def do_mount(self, expr: Mount) -> tuple[str, str, int]:
+        self.mounts.append({"device": {"label": expr.label}, "target": expr.target,
+                            "fstype": expr.fstype or "ext4", "options": [expr.access]})
+        return f"{expr.label} {expr.target}", f"mount {expr.access} in the plan", 0
+
+    # -- outputs -------------------------------------------------------------------------
+
+    def build_plan(self) -> dict | None:
+        if not self.steps and not self.mounts:
+            return None
+        if not any(m["target"] == "/" for m in self.mounts):
+            first = next((e for e in self.c.expressions if e.at_boot), self.c.expressions[0])
+            raise UserError(f"{first.pos}: boot-time operations need a [mount LABEL / rw] expression "
+                            "saying which file system is the guest's root")
+        name = self.c.settings.get("name")
+        plan = {"version": 1, "name": str(name) if name else Path(self.c.path or "domain").stem,
+                "init": "/sbin/init", "failure_policy": "halt", "mounts": self.mounts, "steps": self.steps}
+        try:
+            validate_plan(plan, source=f"{self.c.path} (plan)")
+        except PlanError as exc:
+            raise UserError(str(exc)) from None
+        return plan
+
+    def stripped(self) -> str:
+        text = self.c.stripped_text()
+        if self.disks:
+            if not text.endswith("\n"):
+                text += "\n"
+            key = "disk +=" if "disk" in self.c.settings else "disk ="
+            listing = write_xl_config({"disk": self.disks}).split("=", 1)[1].strip()
+            text += f"# exported by container expressions\n{key} {listing}\n"
+        return text
+
+
+def _read_if_file(root: Path, rel: str) -> tuple[bytes, int] | None:
+    from guest_init.safepath import UnsafePath, resolve_in_root
+
+    try:
+        path = resolve_in_root(root, rel)
+    except UnsafePath:
+        return None
+    try:
+        st = path.lstat()
+    except OSError:
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        return None
+    return path.read_bytes(), st.st_mode
+
+
+def process_container(container: Container, workspace: Workspace) -> ContainerResult:
+    return ContainerRun(workspace, container).run()
