@@ -147,8 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     boot.set_defaults(func=cmd_boot)
 
     from .container.cli import add_parser as add_container_parser
+    from .trust_cli import add_parsers as add_trust_parsers
 
     add_container_parser(sub)
+    add_trust_parsers(sub)
 
     demo = sub.add_parser("demo", help="build, boot and report a demo domain under qemu")
     demo.add_argument("--workdir", help="where the demo's image, plan and initrd go")
