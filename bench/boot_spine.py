@@ -34,6 +34,7 @@ sys.path.insert(0, str(REPO))
 
 from dom0.demo import INIT_SCRIPT, demo_plan  # noqa: E402
 from dom0.kernel import KernelRef, fetch_kernel  # noqa: E402
+from dom0.keys import ensure_unencrypted_keypair, sign_with  # noqa: E402
 from dom0.qemu import QemuSettings, qemu_command, run_qemu  # noqa: E402
 from dom0.rootfs import busybox_tree, make_ext4_image  # noqa: E402
 from dom0.xlcfg import load_domain_config, write_xl_config  # noqa: E402
@@ -100,6 +101,8 @@ def main() -> int:
         work = Path(tmp)
         plan = work / "plan.json"
         plan.write_text(json.dumps(demo_plan(name="bench", label=LABEL, hostname="bench1")))
+        secret, public = ensure_unencrypted_keypair(work / "keys", "bench")
+        sign_with(plan, secret)   # a real domain's plan is signed; warm builds verify it
 
         # -- prepare-initrd cold (own empty cache, kernel linked in) and warm --------------
         cache = work / "cache"
@@ -107,9 +110,9 @@ def main() -> int:
         (cache / "kernels" / kernel.version).symlink_to(kernel.modules_dir.parent.parent.parent)
         env = dict(os.environ, SUPERCHARGE_CACHE=str(cache))
         ours = work / "ours.img"
-        cold = timed(cli("prepare-initrd", "--kernel", kernel.version, "--plan", str(plan),
+        cold = timed(cli("prepare-initrd", "--trust", str(public), "--kernel", kernel.version, "--plan", str(plan),
                          "-o", str(ours)), env)
-        warm_runs = [timed(cli("prepare-initrd", "--kernel", kernel.version, "--plan", str(plan),
+        warm_runs = [timed(cli("prepare-initrd", "--trust", str(public), "--kernel", kernel.version, "--plan", str(plan),
                                "-o", str(work / f"warm{i}.img")), env) for i in range(5)]
         warm = statistics.median(warm_runs)
         base = next((cache / "initrd").glob("base-*.cpio.zst"))

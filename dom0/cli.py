@@ -49,13 +49,14 @@ def _split_modules(values: list[str] | None) -> list[str]:
 
 
 def cmd_prepare_initrd(args: argparse.Namespace) -> int:
-    from .initrd import prepare_initrd
+    from .initrd import load_trust, prepare_initrd
     from .kernel import resolve_kernel
 
+    trust = load_trust(args.trust or [], args.allow_unsigned_plans)
     kernel = resolve_kernel(args.kernel, args.modules_dir)
     result = prepare_initrd(kernel, Path(args.output), plan=Path(args.plan) if args.plan else None,
                             extra_modules=_split_modules(args.modules), method=args.compression,
-                            level=args.level)
+                            level=args.level, trust=trust)
     if args.json:
         _print_json(result.to_json())
         return EXIT_OK
@@ -67,6 +68,8 @@ def cmd_prepare_initrd(args: argparse.Namespace) -> int:
           f"{'from cache' if base.cached else f'built in {base.seconds:.1f} s'}"
           f"{'' if base.cached else (' (agent from cache)' if base.agent_cached else ' (agent frozen)')}")
     print(f"kernel    {base.kernel}, {len(base.modules)} modules, {len(base.libraries)} libraries")
+    print(f"trust     {', '.join(k for k, _ in trust.keys) or 'no keys'}"
+          f"{' + UNSIGNED PLANS ALLOWED (development)' if trust.allow_unsigned else ''}")
     if args.plan:
         print(f"plan      {args.plan}  {result.plan_segment} bytes appended, {result.plan_files} files")
     return EXIT_OK
@@ -122,7 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--modules-dir", help="lib/modules/VERSION directory for a kernel given as a file")
     prep.add_argument("--modules", action="append", metavar="M1,M2",
                       help="extra kernel modules (with their dependencies)")
-    prep.add_argument("--plan", help="the domain's plan (JSON), appended as a second archive")
+    prep.add_argument("--plan", help="the domain's plan (JSON), appended as a second archive; "
+                                     "its signature PLAN.minisig goes with it")
+    prep.add_argument("--trust", action="append", metavar="PUBKEY",
+                      help="a public key whose signed plans the agent accepts (repeatable: rotation)")
+    prep.add_argument("--allow-unsigned-plans", action="store_true",
+                      help="development only: the agent also accepts unsigned plans, and every "
+                           "boot report says so")
     prep.add_argument("--compression", default="zstd", choices=("zstd", "gzip", "xz", "none"))
     prep.add_argument("--level", type=int, help="compression level (default: the method's best)")
     prep.add_argument("--json", action="store_true", help="machine-readable output")

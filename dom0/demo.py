@@ -11,8 +11,9 @@ import json
 from pathlib import Path
 
 from .boot import boot_domain, domain_state_dir
-from .initrd import prepare_initrd
+from .initrd import load_trust, prepare_initrd
 from .kernel import fetch_kernel
+from .keys import ensure_unencrypted_keypair, sign_with
 from .rootfs import busybox_tree, make_ext4_image
 from .xlcfg import write_xl_config
 
@@ -55,8 +56,10 @@ def build_demo(workdir: Path, kernel_version: str | None = None) -> Path:
     image = make_ext4_image(tree, workdir / "root.img", ROOT_LABEL)
     plan = workdir / "plan.json"
     plan.write_text(json.dumps(demo_plan(), indent=2) + "\n")
+    secret, public = ensure_unencrypted_keypair(workdir / "keys", "demo")
+    sign_with(plan, secret)
     initrd = workdir / "initrd.img"
-    result = prepare_initrd(kernel, initrd, plan=plan)
+    result = prepare_initrd(kernel, initrd, plan=plan, trust=load_trust([str(public)], False))
     base = result.base
     print(f"initrd: {initrd} ({result.size / 2**20:.1f} MiB; base "
           f"{'from cache' if base.cached else f'built in {base.seconds:.1f} s'}, plan {result.plan_segment} bytes)")

@@ -19,16 +19,19 @@ from pathlib import Path
 from .cache import cache_dir, digest_of
 from .compress import METHODS, compress_segment
 from .cpio import CpioWriter
-from .errors import UserError
+from .errors import EXIT_FAILED, UserError
 from .freeze import INITRD_DATA, FrozenAgent, freeze_agent
 from .kernel import KernelRef
 from .kmod import read_module_list as read_list
 
-BUILDER_FORMAT = "3"   # bump when the base layout changes, to invalidate cached bases
+BUILDER_FORMAT = "4"   # bump when the base layout changes, to invalidate cached bases
 DEFAULT_MODULES = INITRD_DATA / "modules.default"
 DLOPEN_LIBS = INITRD_DATA / "dlopen-libs"
 
 PLAN_IN_INITRD = "etc/supercharge/plan.json"
+PLAN_SIG_IN_INITRD = "etc/supercharge/plan.json.minisig"
+TRUSTED_KEYS_DIR = "etc/supercharge/trusted-keys"
+TRUST_CONFIG = "etc/supercharge/trust.json"
 MODULES_LOAD = "etc/supercharge/modules.json"
 CA_BUNDLE = "etc/ssl/certs/ca-certificates.crt"
 
@@ -95,12 +98,44 @@ def _ca_bundle() -> Path | None:
         return system if system.is_file() else None
 
 
+@dataclass(frozen=True)
+class TrustSettings:
+    """Which plans the agent accepts: signed by one of ``keys`` (public key texts),
+    or also unsigned ones when ``allow_unsigned`` (a development opt-out that
+    every boot report states)."""
+
+    keys: tuple[tuple[str, str], ...] = ()   # (key id, public key text)
+    allow_unsigned: bool = False
+
+    def fingerprint(self) -> str:
+        return json.dumps({"keys": list(self.keys), "allow_unsigned": self.allow_unsigned}, sort_keys=True)
+
+
+def load_trust(paths: list[str] | tuple[str, ...], allow_unsigned: bool) -> TrustSettings:
+    """Validate ``--trust`` key files now, so a bad key fails the build, not the boot."""
+    from guest_init.trust import TrustError, load_trusted_keys  # noqa: PLC0415
+
+    if not paths and not allow_unsigned:
+        raise UserError("no trusted keys: give --trust PUBKEY (the agent refuses unsigned plans), "
+                        "or --allow-unsigned-plans for development")
+    if not paths:
+        return TrustSettings((), True)
+    for path in paths:
+        if not Path(path).exists():
+            raise UserError(f"{path}: trusted key not found")
+    try:
+        keys = load_trusted_keys(list(paths))
+    except TrustError as exc:
+        raise UserError(str(exc)) from None
+    return TrustSettings(tuple((k.key_id_hex, k.to_text()) for k in keys), allow_unsigned)
+
+
 def _base_key(agent: FrozenAgent, kernel: KernelRef, modules: list[str], method: str,
-              level: int | None, ca: Path | None) -> str:
+              level: int | None, ca: Path | None, trust: TrustSettings) -> str:
     dep = (kernel.modules_dir / "modules.dep").read_bytes()
     return digest_of(BUILDER_FORMAT, agent.key, kernel.version, str(kernel.modules_dir), dep,
                      "\n".join(modules), method, str(level), DLOPEN_LIBS.read_bytes(),
-                     ca.read_bytes() if ca else b"")
+                     ca.read_bytes() if ca else b"", trust.fingerprint())
 
 
 def _suffix(method: str) -> str:
@@ -108,7 +143,7 @@ def _suffix(method: str) -> str:
 
 
 def _write_base(writer: CpioWriter, agent: FrozenAgent, kernel: KernelRef,
-                modules: list[str], ca: Path | None) -> tuple[list[str], list[str]]:
+                modules: list[str], ca: Path | None, trust: TrustSettings) -> tuple[list[str], list[str]]:
     from .elf import library_closure  # noqa: PLC0415 - pyelftools only for builds
     from .kmod import resolve_modules
 
@@ -144,6 +179,11 @@ def _write_base(writer: CpioWriter, agent: FrozenAgent, kernel: KernelRef,
     writer.add_file(MODULES_LOAD, json.dumps(doc, indent=1).encode(), 0o644)
     if ca is not None:
         writer.add_file(CA_BUNDLE, ca.read_bytes(), 0o644)
+    writer.add_dir(TRUSTED_KEYS_DIR)
+    for key_id, text in trust.keys:
+        writer.add_file(f"{TRUSTED_KEYS_DIR}/{key_id}.pub", text.encode(), 0o644)
+    writer.add_file(TRUST_CONFIG, json.dumps({"allow_unsigned": trust.allow_unsigned,
+                                              "keys": [k for k, _ in trust.keys]}).encode(), 0o644)
     info = {"builder_format": BUILDER_FORMAT, "kernel": kernel.version, "agent": agent.key,
             "modules": [m.name for m in order]}
     writer.add_file("etc/supercharge/initrd.json", json.dumps(info, indent=1).encode(), 0o644)
@@ -151,7 +191,8 @@ def _write_base(writer: CpioWriter, agent: FrozenAgent, kernel: KernelRef,
 
 
 def build_base(kernel: KernelRef, *, extra_modules: list[str] = (), method: str = "zstd",
-               level: int | None = None, force: bool = False) -> BaseInfo:
+               level: int | None = None, force: bool = False,
+               trust: TrustSettings = TrustSettings()) -> BaseInfo:
     """The cached base initrd for this agent, kernel, module set and compression."""
     if method not in METHODS:
         raise UserError(f"unknown compression '{method}': expected one of {', '.join(METHODS)}")
@@ -159,7 +200,7 @@ def build_base(kernel: KernelRef, *, extra_modules: list[str] = (), method: str 
     modules = read_list(DEFAULT_MODULES) + [m for m in extra_modules if m]
     agent = freeze_agent()
     ca = _ca_bundle()
-    key = _base_key(agent, kernel, modules, method, level, ca)
+    key = _base_key(agent, kernel, modules, method, level, ca, trust)
     store = cache_dir("initrd")
     path = store / f"base-{key}.cpio{_suffix(method)}"
     meta = store / f"base-{key}.json"
@@ -170,7 +211,7 @@ def build_base(kernel: KernelRef, *, extra_modules: list[str] = (), method: str 
         return BaseInfo(**doc)
     buf = io.BytesIO()
     writer = CpioWriter(buf)
-    module_names, libs = _write_base(writer, agent, kernel, modules, ca)
+    module_names, libs = _write_base(writer, agent, kernel, modules, ca, trust)
     writer.close()
     raw = buf.getvalue()
     # Padded: the kernel finds an appended archive only at a 4-byte-aligned offset.
@@ -187,18 +228,35 @@ def build_base(kernel: KernelRef, *, extra_modules: list[str] = (), method: str 
     return info
 
 
-def plan_segment(plan_path: Path) -> tuple[bytes, int]:
-    """The per-domain archive: the validated plan, uncompressed (it is tiny)."""
+def plan_segment(plan_path: Path, trust: TrustSettings) -> tuple[bytes, int]:
+    """The per-domain archive: the validated plan and its signature, uncompressed (tiny).
+
+    With trusted keys the plan must carry ``PLAN.minisig`` from one of them; it is
+    checked here too, so a wrongly signed plan fails the build, not the boot.
+    """
     from guest_init.plan import PlanError, load_plan  # noqa: PLC0415
 
     try:
         load_plan(plan_path)
     except PlanError as exc:
         raise UserError(str(exc)) from None
+    sig = plan_path.with_name(plan_path.name + ".minisig")
+    if trust.keys:
+        if not sig.is_file():
+            raise UserError(f"{plan_path}: not signed ({sig.name} missing); sign it with "
+                            f"'supercharge sign {plan_path}' or build with --allow-unsigned-plans")
+        from guest_init.trust import PublicKey, TrustError, verify_file  # noqa: PLC0415
+
+        try:
+            verify_file(plan_path, sig, [PublicKey.from_string(text) for _, text in trust.keys])
+        except TrustError as exc:
+            raise UserError(str(exc), EXIT_FAILED) from None
     buf = io.BytesIO()
     writer = CpioWriter(buf)
     writer.add_dir("etc/supercharge")
     writer.add_file(PLAN_IN_INITRD, plan_path.read_bytes(), 0o644)
+    if sig.is_file():
+        writer.add_file(PLAN_SIG_IN_INITRD, sig.read_bytes(), 0o644)
     writer.close()
     return buf.getvalue(), writer.files
 
@@ -221,7 +279,7 @@ def _atomic_write(path: Path, chunks: list[bytes]) -> None:
 
 def prepare_initrd(kernel: KernelRef, output: Path, *, plan: Path | None = None,
                    extra_modules: list[str] = (), method: str = "zstd",
-                   level: int | None = None) -> InitrdResult:
+                   level: int | None = None, trust: TrustSettings | None = None) -> InitrdResult:
     started = time.monotonic()
     if plan is not None and not plan.is_file():
         raise UserError(f"{plan}: plan not found")
@@ -229,8 +287,10 @@ def prepare_initrd(kernel: KernelRef, output: Path, *, plan: Path | None = None,
         raise UserError(f"{output.parent}: output directory does not exist")
     if output.is_dir():
         raise UserError(f"{output}: is a directory; expected a file name for the initrd")
-    segment, seg_files = (plan_segment(plan) if plan is not None else (b"", 0))
-    base = build_base(kernel, extra_modules=list(extra_modules), method=method, level=level)
+    if trust is None:
+        raise UserError("no trust settings: give trusted keys, or allow unsigned plans for development")
+    segment, seg_files = (plan_segment(plan, trust) if plan is not None else (b"", 0))
+    base = build_base(kernel, extra_modules=list(extra_modules), method=method, level=level, trust=trust)
     chunks = [base.path.read_bytes()]
     if segment:
         chunks.append(segment)

@@ -455,3 +455,24 @@ def write_signature(path: Path | str, text: str, sig_path: Path | str | None = N
     except OSError as exc:
         raise UserError(f"{target}: cannot write signature: {exc.strerror or exc}") from None
     return target
+
+
+def ensure_unencrypted_keypair(directory: Path, name: str) -> tuple[Path, Path]:
+    """A key pair kept in ``directory`` for demos and tests, made once, unencrypted on purpose.
+
+    Production keys come from ``supercharge keygen`` with a passphrase; this is
+    for throwaway domains whose signing key lives next to them anyway.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    secret, public = directory / f"{name}.key", directory / f"{name}.pub"
+    if not (secret.is_file() and public.is_file()):
+        secret_text, public_text = generate_keypair(None, unencrypted=True)
+        write_atomically(secret, secret_text.encode(), 0o600)
+        write_atomically(public, public_text.encode(), 0o644)
+    return secret, public
+
+
+def sign_with(path: Path, secret_key_file: Path) -> Path:
+    """Sign ``path`` with an unencrypted secret key file; returns the .minisig path."""
+    sk = load_secret_key(secret_key_file, None)
+    return write_signature(path, sign_file(path, sk))

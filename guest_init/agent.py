@@ -80,7 +80,8 @@ def _switch(reporter: Reporter, ctx: stages.BootContext, modified: bool) -> None
         return
     reporter.stage("switch", "ok", time.monotonic() - started,
                    {"init": init, "args": ctx.argv, "report_saved": saved})
-    reporter.outcome("switched", ctx.policy, {"init": init, "modified": modified})
+    reporter.outcome("switched", ctx.policy, {"init": init, "modified": modified,
+                                              "unsigned_plans_allowed": ctx.unsigned_allowed})
     try:
         sys.stdout.flush()
         os.execve(init, args, env)
@@ -110,7 +111,8 @@ def _follow_policy(reporter: Reporter, ctx: stages.BootContext, failed_stage: st
                                                  "reason": f"cannot continue unmodified: {reason}"})
         policy = "halt"
     if policy == "poweroff":
-        reporter.outcome("poweroff", policy, {"failed_stage": failed_stage})
+        reporter.outcome("poweroff", policy, {"failed_stage": failed_stage,
+                                              "unsigned_plans_allowed": ctx.unsigned_allowed})
         from . import sysc
 
         try:
@@ -118,7 +120,8 @@ def _follow_policy(reporter: Reporter, ctx: stages.BootContext, failed_stage: st
         except Exception:  # noqa: BLE001 - if the power-off fails, waiting is all that is left
             pass
     else:
-        reporter.outcome("halted", policy, {"failed_stage": failed_stage})
+        reporter.outcome("halted", policy, {"failed_stage": failed_stage,
+                                            "unsigned_plans_allowed": ctx.unsigned_allowed})
     _halt_forever()
 
 

@@ -17,6 +17,9 @@ from pathlib import Path
 from . import sysc
 
 PLAN_PATH = Path("/etc/supercharge/plan.json")
+PLAN_SIG_PATH = Path("/etc/supercharge/plan.json.minisig")
+TRUST_CONFIG = Path("/etc/supercharge/trust.json")
+TRUSTED_KEYS = Path("/etc/supercharge/trusted-keys")
 MODULES_LOAD = Path("/etc/supercharge/modules.json")
 
 # File-system types whose module has another name.
@@ -43,6 +46,7 @@ class BootContext:
     root_mounted: bool = False
     applied: list[dict] = field(default_factory=list)
     policy: str = "halt"
+    unsigned_allowed: bool = False
 
 
 def _mount_if_needed(source: str, target: str, fstype: str, flags: int = 0, data: str | None = None) -> None:
@@ -60,6 +64,7 @@ def early(ctx: BootContext) -> dict:
     _mount_if_needed("sysfs", "/sys", "sysfs", sysc.MS_NOSUID | sysc.MS_NODEV | sysc.MS_NOEXEC)
     _mount_if_needed("devtmpfs", "/dev", "devtmpfs", sysc.MS_NOSUID, "mode=0755")
     _mount_if_needed("tmpfs", "/run", "tmpfs", sysc.MS_NOSUID | sysc.MS_NODEV, "mode=0755")
+    trust = verify_plan_signature(ctx)
     from .plan import PlanError, load_plan
 
     try:
@@ -69,7 +74,45 @@ def early(ctx: BootContext) -> dict:
     ctx.plan = plan
     ctx.policy = plan.failure_policy
     return {"plan": plan.name, "plan_digest": plan.digest, "policy": plan.failure_policy,
-            "kernel_args": ctx.argv}
+            "kernel_args": ctx.argv, "trust": trust}
+
+
+def verify_plan_signature(ctx: BootContext) -> dict:
+    """Check the plan's signature before reading a byte of it as JSON.
+
+    A plan is accepted when signed by a key the initrd trusts; unsigned only
+    when the initrd was built with the development opt-out, which the report
+    then states on every boot.
+    """
+    import json
+
+    try:
+        config = json.loads(TRUST_CONFIG.read_text())
+    except (OSError, ValueError):
+        config = {"allow_unsigned": False}
+    allow_unsigned = bool(config.get("allow_unsigned"))
+    ctx.unsigned_allowed = allow_unsigned
+    if not PLAN_PATH.exists():
+        raise StageFailed(f"{PLAN_PATH}: no plan in this initrd", {"plan": str(PLAN_PATH)})
+    if not PLAN_SIG_PATH.exists():
+        if allow_unsigned:
+            return {"signed": False, "unsigned_plans_allowed": True,
+                    "warning": "unsigned plan accepted: this initrd was built with --allow-unsigned-plans"}
+        raise StageFailed("the plan is not signed, and this initrd accepts only plans signed by its "
+                          f"trusted keys ({', '.join(config.get('keys', [])) or 'none'})",
+                          {"signed": False, "trusted_keys": config.get("keys", [])})
+    from .trust import TrustError, load_trusted_keys, verify_file
+
+    try:
+        keys = load_trusted_keys(TRUSTED_KEYS)
+        verified = verify_file(PLAN_PATH, PLAN_SIG_PATH, keys)
+    except TrustError as exc:
+        raise StageFailed(f"plan signature refused: {exc}",
+                          {"signed": True, "kind": getattr(exc, "kind", type(exc).__name__),
+                           "key_id": getattr(exc, "key_id", None),
+                           "trusted_keys": config.get("keys", [])}) from None
+    return {"signed": True, "key_id": verified.key_id, "trusted_comment": verified.trusted_comment,
+            "unsigned_plans_allowed": allow_unsigned}
 
 
 def _load_one(path: Path) -> None:

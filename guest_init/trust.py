@@ -296,40 +296,23 @@ class PublicKey:
         return f"untrusted comment: {comment}\n{self.to_base64()}\n"
 
     def verify_raw(self, signature: bytes, message: bytes | bytearray | memoryview) -> bool:
-        """Whether ``signature`` is this key's Ed25519 signature of ``message``."""
-        invalid = _invalid_signature()
+        """Whether ``signature`` is this key's Ed25519 signature of ``message``.
+
+        Through :mod:`guest_init.ed25519` (OpenSSL's libcrypto, which the
+        initramfs carries anyway, rather than the 11 MB ``cryptography``).
+        """
+        from .ed25519 import Ed25519Unavailable, verify
+
         try:
-            _ed25519_public(self.raw).verify(bytes(signature), message)
-        except invalid:
-            return False
-        return True
+            return verify(self.raw, signature, message)
+        except Ed25519Unavailable as exc:
+            raise VerifierUnavailableError(str(exc)) from None
 
 
 class VerifierUnavailableError(TrustError):
     """``cryptography`` cannot be imported (e.g. left out of a frozen agent): nothing can be checked."""
 
     kind = "verifier-unavailable"
-
-
-@functools.lru_cache(maxsize=1)
-def _invalid_signature() -> type[Exception]:
-    try:
-        from cryptography.exceptions import InvalidSignature
-    except ImportError as exc:
-        raise VerifierUnavailableError(f"cannot check Ed25519 signatures: cryptography is not "
-                                       f"available ({exc})") from None
-    return InvalidSignature
-
-
-@functools.lru_cache(maxsize=64)
-def _ed25519_public(raw: bytes) -> Any:
-    """The ``cryptography`` key object, made once per key (imports cryptography lazily)."""
-    try:
-        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-    except ImportError as exc:
-        raise VerifierUnavailableError(f"cannot check Ed25519 signatures: cryptography is not "
-                                       f"available ({exc})") from None
-    return Ed25519PublicKey.from_public_bytes(raw)
 
 
 def load_trusted_keys(source: Path | str | Iterable[Path | str], *,

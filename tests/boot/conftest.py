@@ -14,6 +14,15 @@ ROOT_LABEL = "sc-test-root"
 
 
 @pytest.fixture(scope="session")
+def signing_keys(tmp_path_factory):
+    """(secret key, public key) trusted by the test initrds, and a second, untrusted pair."""
+    from dom0.keys import ensure_unencrypted_keypair
+
+    keys = tmp_path_factory.mktemp("keys")
+    return ensure_unencrypted_keypair(keys, "trusted"), ensure_unencrypted_keypair(keys, "stranger")
+
+
+@pytest.fixture(scope="session")
 def root_image(tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("rootfs")
     tree = busybox_tree(work / "root", INIT_SCRIPT, hostname="unconfigured")

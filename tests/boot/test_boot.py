@@ -14,7 +14,8 @@ import pytest
 from dom0.boot import boot_domain
 from dom0.cpio import CpioWriter
 from dom0.errors import EXIT_FAILED, EXIT_OK
-from dom0.initrd import PLAN_IN_INITRD, prepare_initrd
+from dom0.initrd import PLAN_IN_INITRD, PLAN_SIG_IN_INITRD, load_trust, prepare_initrd
+from dom0.keys import sign_with
 
 from .conftest import write_domain, write_plan
 
@@ -44,11 +45,18 @@ def _disk_copy(root_image: Path, tmp_path: Path) -> Path:
     return disk
 
 
-def test_plan_applied_and_real_init_runs(tmp_path, kernel, root_image):
+def _signed_initrd(tmp_path, kernel, plan, signing_keys):
+    (secret, public), _ = signing_keys
+    sign_with(plan, secret)
+    initrd = tmp_path / "initrd.img"
+    prepare_initrd(kernel, initrd, plan=plan, trust=load_trust([str(public)], False))
+    return initrd
+
+
+def test_plan_applied_and_real_init_runs(tmp_path, kernel, root_image, signing_keys):
     disk = _disk_copy(root_image, tmp_path)
     plan = write_plan(tmp_path / "plan.json")
-    initrd = tmp_path / "initrd.img"
-    prepare_initrd(kernel, initrd, plan=plan)
+    initrd = _signed_initrd(tmp_path, kernel, plan, signing_keys)
 
     code, report, console = _boot(tmp_path, kernel, initrd, disk, "boot-ok")
 
@@ -60,15 +68,17 @@ def test_plan_applied_and_real_init_runs(tmp_path, kernel, root_image):
     for stage in ("early", "modules", "devices", "mount", "apply", "switch"):
         assert _stage(report, stage)["status"] == "ok", _stage(report, stage)
     assert _stage(report, "devices")["details"]["found"]["LABEL=sc-test-root"].startswith("/dev/vd")
+    trust = _stage(report, "early")["details"]["trust"]
+    assert trust["signed"] is True and trust["unsigned_plans_allowed"] is False
+    assert report["outcome"]["details"]["unsigned_plans_allowed"] is False
     assert "Kernel panic" not in console
 
 
-def test_missing_root_label_is_reported_without_panic(tmp_path, kernel, root_image):
+def test_missing_root_label_is_reported_without_panic(tmp_path, kernel, root_image, signing_keys):
     disk = _disk_copy(root_image, tmp_path)
     plan = write_plan(tmp_path / "plan.json", device_timeout=3,
                       mounts=[{"device": {"label": "no-such-label"}, "target": "/"}])
-    initrd = tmp_path / "initrd.img"
-    prepare_initrd(kernel, initrd, plan=plan)
+    initrd = _signed_initrd(tmp_path, kernel, plan, signing_keys)
 
     code, report, console = _boot(tmp_path, kernel, initrd, disk, "boot-nolabel")
 
@@ -84,20 +94,27 @@ def test_missing_root_label_is_reported_without_panic(tmp_path, kernel, root_ima
     assert "demo-init" not in console
 
 
-def test_invalid_plan_is_reported_without_panic(tmp_path, kernel, root_image):
-    """prepare-initrd refuses invalid plans, so the bad one is appended by hand."""
-    disk = _disk_copy(root_image, tmp_path)
-    base_only = tmp_path / "base.img"
-    result = prepare_initrd(kernel, base_only)
-    bad = json.dumps({"version": 1, "name": "bad", "mounts": [{"device": {"label": "x"}, "target": "/"}],
-                      "steps": [{"op": "replace", "path": "/etc/hostname", "content": "x", "mode": 420}]})
+def _hand_made_initrd(tmp_path, kernel, plan_bytes: bytes, sig: bytes | None, trust) -> Path:
+    """Base plus a plan segment written by hand: prepare-initrd refuses what these tests need."""
+    result = prepare_initrd(kernel, tmp_path / "base.img", trust=trust)
     initrd = tmp_path / "initrd.img"
     with open(initrd, "wb") as out:
         out.write(result.base.path.read_bytes())
         writer = CpioWriter(out)
         writer.add_dir("etc/supercharge")
-        writer.add_file(PLAN_IN_INITRD, bad.encode(), 0o644)
+        writer.add_file(PLAN_IN_INITRD, plan_bytes, 0o644)
+        if sig is not None:
+            writer.add_file(PLAN_SIG_IN_INITRD, sig, 0o644)
         writer.close()
+    return initrd
+
+
+def test_invalid_plan_is_reported_without_panic(tmp_path, kernel, root_image):
+    """Built with the development opt-out, which the report must state."""
+    disk = _disk_copy(root_image, tmp_path)
+    bad = json.dumps({"version": 1, "name": "bad", "mounts": [{"device": {"label": "x"}, "target": "/"}],
+                      "steps": [{"op": "replace", "path": "/etc/hostname", "content": "x", "mode": 420}]})
+    initrd = _hand_made_initrd(tmp_path, kernel, bad.encode(), None, load_trust([], True))
 
     code, report, console = _boot(tmp_path, kernel, initrd, disk, "boot-badplan")
 
@@ -107,4 +124,25 @@ def test_invalid_plan_is_reported_without_panic(tmp_path, kernel, root_image):
     assert early["status"] == "failed"
     assert "steps[0].mode" in early["details"]["error"]
     assert report["outcome"]["outcome"] == "halted"
+    assert report["outcome"]["details"]["unsigned_plans_allowed"] is True
     assert "demo-init" not in console
+
+
+def test_plan_signed_by_an_untrusted_key_is_refused(tmp_path, kernel, root_image, signing_keys):
+    (_, trusted_pub), (stranger_secret, _) = signing_keys
+    disk = _disk_copy(root_image, tmp_path)
+    plan = write_plan(tmp_path / "plan.json")
+    sig = sign_with(plan, stranger_secret)
+    initrd = _hand_made_initrd(tmp_path, kernel, plan.read_bytes(), sig.read_bytes(),
+                               load_trust([str(trusted_pub)], False))
+
+    code, report, console = _boot(tmp_path, kernel, initrd, disk, "boot-untrusted")
+
+    assert code == EXIT_FAILED
+    early = _stage(report, "early")
+    assert early["status"] == "failed"
+    assert "plan signature refused" in early["details"]["error"]
+    assert early["details"]["kind"]
+    assert report["outcome"]["outcome"] == "halted"
+    assert "demo-init" not in console
+    assert "Kernel panic" not in console

@@ -69,7 +69,7 @@ def good_plan(inputs: Path) -> Path:
 
 def test_unknown_kernel_version(cli, outdir):
     out = outdir / "X.img"
-    proc = cli("prepare-initrd", "--kernel", "9.9.9-nonexistent", "-o", str(out))
+    proc = cli("prepare-initrd", "--allow-unsigned-plans", "--kernel", "9.9.9-nonexistent", "-o", str(out))
     assert_one_line_error(proc, "9.9.9-nonexistent", "kernel")
     assert not out.exists()
     assert_nothing_written(outdir)
@@ -91,7 +91,7 @@ def test_kernel_fetch_unknown_version(cli, tmp_path, monkeypatch):
 
 def test_kernel_file_without_modules_dir(cli, kernel, outdir):
     out = outdir / "X.img"
-    proc = cli("prepare-initrd", "--kernel", str(kernel.vmlinuz), "-o", str(out))
+    proc = cli("prepare-initrd", "--allow-unsigned-plans", "--kernel", str(kernel.vmlinuz), "-o", str(out))
     assert_one_line_error(proc, str(kernel.vmlinuz), "--modules-dir")
     assert not out.exists()
     assert_nothing_written(outdir)
@@ -100,7 +100,7 @@ def test_kernel_file_without_modules_dir(cli, kernel, outdir):
 def test_kernel_file_with_missing_modules_dir(cli, kernel, tmp_path, outdir):
     missing = tmp_path / "no" / "lib" / "modules" / kernel.version
     out = outdir / "X.img"
-    proc = cli("prepare-initrd", "--kernel", str(kernel.vmlinuz), "--modules-dir", str(missing),
+    proc = cli("prepare-initrd", "--allow-unsigned-plans", "--kernel", str(kernel.vmlinuz), "--modules-dir", str(missing),
                "-o", str(out))
     assert_one_line_error(proc, str(missing))
     assert not out.exists()
@@ -110,7 +110,7 @@ def test_kernel_file_with_missing_modules_dir(cli, kernel, tmp_path, outdir):
 def test_kernel_file_that_does_not_exist(cli, kernel, tmp_path, outdir):
     missing = tmp_path / "boot" / "vmlinuz-missing"
     out = outdir / "X.img"
-    proc = cli("prepare-initrd", "--kernel", str(missing), "--modules-dir", str(kernel.modules_dir),
+    proc = cli("prepare-initrd", "--allow-unsigned-plans", "--kernel", str(missing), "--modules-dir", str(kernel.modules_dir),
                "-o", str(out))
     assert_one_line_error(proc, str(missing))
     assert_nothing_written(outdir)
@@ -118,7 +118,7 @@ def test_kernel_file_that_does_not_exist(cli, kernel, tmp_path, outdir):
 
 def test_unknown_module(cli, kernel, outdir):
     out = outdir / "X.img"
-    proc = cli("prepare-initrd", "--kernel", kernel.version, "--modules", "no_such_module", "-o", str(out))
+    proc = cli("prepare-initrd", "--allow-unsigned-plans", "--kernel", kernel.version, "--modules", "no_such_module", "-o", str(out))
     assert_one_line_error(proc, "no_such_module")
     assert not out.exists()
     assert_nothing_written(outdir)
@@ -127,7 +127,7 @@ def test_unknown_module(cli, kernel, outdir):
 def test_plan_that_does_not_exist(cli, kernel, inputs, outdir):
     plan = inputs / "missing-plan.json"
     out = outdir / "X.img"
-    proc = cli("prepare-initrd", "--kernel", kernel.version, "--plan", str(plan), "-o", str(out))
+    proc = cli("prepare-initrd", "--allow-unsigned-plans", "--kernel", kernel.version, "--plan", str(plan), "-o", str(out))
     assert_one_line_error(proc, str(plan))
     assert_nothing_written(outdir)
 
@@ -142,7 +142,7 @@ def test_plan_that_is_not_json(cli, kernel, inputs, outdir):
         where = f"{plan}:{exc.lineno}:{exc.colno}"
     assert where == f"{plan}:3:15"
     out = outdir / "X.img"
-    proc = cli("prepare-initrd", "--kernel", kernel.version, "--plan", str(plan), "-o", str(out))
+    proc = cli("prepare-initrd", "--allow-unsigned-plans", "--kernel", kernel.version, "--plan", str(plan), "-o", str(out))
     assert_one_line_error(proc, where)
     assert_nothing_written(outdir)
 
@@ -153,14 +153,14 @@ def test_plan_with_a_wrong_field(cli, kernel, inputs, outdir):
     plan = inputs / "wrong.json"
     plan.write_text(json.dumps(doc, indent=2))
     out = outdir / "X.img"
-    proc = cli("prepare-initrd", "--kernel", kernel.version, "--plan", str(plan), "-o", str(out))
+    proc = cli("prepare-initrd", "--allow-unsigned-plans", "--kernel", kernel.version, "--plan", str(plan), "-o", str(out))
     assert_one_line_error(proc, str(plan), "steps[0].mode", "999")
     assert_nothing_written(outdir)
 
 
 def test_output_directory_that_does_not_exist(cli, kernel, inputs, tmp_path):
     out = tmp_path / "nowhere" / "X.img"
-    proc = cli("prepare-initrd", "--kernel", kernel.version, "--plan", str(good_plan(inputs)),
+    proc = cli("prepare-initrd", "--allow-unsigned-plans", "--kernel", kernel.version, "--plan", str(good_plan(inputs)),
                "-o", str(out))
     assert_one_line_error(proc, str(out.parent))
     assert not out.parent.exists()
@@ -169,7 +169,7 @@ def test_output_directory_that_does_not_exist(cli, kernel, inputs, tmp_path):
 def test_output_path_that_is_a_directory(cli, kernel, inputs, outdir):
     target = outdir / "initrd.img"
     target.mkdir()
-    proc = cli("prepare-initrd", "--kernel", kernel.version, "--plan", str(good_plan(inputs)),
+    proc = cli("prepare-initrd", "--allow-unsigned-plans", "--kernel", kernel.version, "--plan", str(good_plan(inputs)),
                "-o", str(target))
     assert_one_line_error(proc, str(target))
     assert target.is_dir() and not list(target.iterdir())
@@ -183,7 +183,7 @@ def test_output_path_that_is_a_directory(cli, kernel, inputs, outdir):
 ])
 def test_compression_level_out_of_range(cli, kernel, outdir, method, level):
     out = outdir / "X.img"
-    proc = cli("prepare-initrd", "--kernel", kernel.version, "--compression", method, "--level", level,
+    proc = cli("prepare-initrd", "--allow-unsigned-plans", "--kernel", kernel.version, "--compression", method, "--level", level,
                "-o", str(out))
     assert_one_line_error(proc, method, level)
     assert_nothing_written(outdir)
@@ -202,7 +202,7 @@ def test_existing_output_is_left_untouched_on_failure(cli, kernel, inputs, outdi
         args += ["--modules", "virtio_blk,no_such_module"]
     else:
         args[1] = "9.9.9-nonexistent"
-    proc = cli("prepare-initrd", *args, "-o", str(out))
+    proc = cli("prepare-initrd", "--allow-unsigned-plans", *args, "-o", str(out))
     assert_one_line_error(proc)
     assert_nothing_written(outdir, {"domain.img": previous})
     after = out.stat()
@@ -276,3 +276,26 @@ def test_collect_missing_console_relative_path(cli):
     proc = cli("collect", "--console", "missing.log")
     assert_one_line_error(proc, "missing.log")
     assert not (REPO / "missing.log").exists()
+
+
+def test_no_trusted_keys_and_no_opt_out_is_refused(cli, kernel, tmp_path):
+    out = tmp_path / "initrd.img"
+    proc = cli("prepare-initrd", "--kernel", kernel.version, "-o", str(out))
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("supercharge: no trusted keys")
+    assert "--allow-unsigned-plans" in proc.stderr
+    assert not out.exists()
+
+
+def test_unsigned_plan_with_trusted_keys_is_refused(cli, kernel, tmp_path):
+    from dom0.keys import ensure_unencrypted_keypair
+
+    _, public = ensure_unencrypted_keypair(tmp_path / "keys", "k")
+    plan = tmp_path / "plan.json"
+    plan.write_text('{"version": 1, "name": "p", "mounts": [{"device": {"label": "r"}, "target": "/"}]}')
+    out = tmp_path / "initrd.img"
+    proc = cli("prepare-initrd", "--trust", str(public), "--kernel", kernel.version, "--plan", str(plan),
+               "-o", str(out))
+    assert proc.returncode == 2
+    assert "not signed" in proc.stderr and "plan.json.minisig" in proc.stderr
+    assert not out.exists()

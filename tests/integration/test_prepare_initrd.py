@@ -90,7 +90,7 @@ class Archive:
 
 def build(*args: str, check: bool = True) -> dict:
     """``prepare-initrd --json`` through the real CLI; the parsed JSON result."""
-    proc = run_cli("prepare-initrd", "--json", *args, check=check)
+    proc = run_cli("prepare-initrd", "--allow-unsigned-plans", "--json", *args, check=check)
     assert "Traceback" not in proc.stderr
     return json.loads(proc.stdout)
 
@@ -425,7 +425,7 @@ def test_cold_build_freezes_once_then_reuses(tmp_path, monkeypatch, cli, kernel,
     monkeypatch.setenv("SUPERCHARGE_CACHE", str(cache))
 
     def run(out: Path) -> dict:
-        proc = cli("prepare-initrd", "--json", "--kernel", kernel.version, "--plan", str(plan_file),
+        proc = cli("prepare-initrd", "--allow-unsigned-plans", "--json", "--kernel", kernel.version, "--plan", str(plan_file),
                    "-o", str(out))
         assert proc.returncode == 0, proc.stderr
         return json.loads(proc.stdout)
