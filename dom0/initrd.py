@@ -262,7 +262,15 @@ def plan_segment(plan_path: Path, trust: TrustSettings) -> tuple[bytes, int]:
 
 
 def _atomic_write(path: Path, chunks: list[bytes]) -> None:
-    """Never leave a half-written file at ``path``: temporary file, fsync, rename."""
+    """Never leave a half-written file at ``path``: temporary file, fsync, rename.
+
+    A device such as /dev/null is written in place: a rename would replace the node.
+    """
+    if path.exists() and not path.is_file() and not path.is_dir():
+        with open(path, "wb") as out:
+            for chunk in chunks:
+                out.write(chunk)
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:

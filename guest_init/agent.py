@@ -20,9 +20,12 @@ POLICIES = ("halt", "continue", "poweroff")
 STAGE_ORDER = (
     ("early", stages.early),
     ("modules", stages.modules),
+    ("network", stages.network),
     ("devices", stages.devices),
     ("mount", stages.mount),
+    ("fetch", stages.fetch),
     ("apply", stages.apply),
+    ("hooks", stages.hooks),
 )
 
 
@@ -70,6 +73,7 @@ def _switch(reporter: Reporter, ctx: stages.BootContext, modified: bool) -> None
     except OSError as exc:
         reporter.stage("switch", "failed", time.monotonic() - started, {"error": str(exc), "init": init})
         return
+    stages.cleanup_run()
     saved = _persist_report(reporter) if modified else None
     env = switch.clean_environment(dict(os.environ))
     args = [init, *ctx.argv]
@@ -99,14 +103,15 @@ def _halt_forever() -> None:
 
 def _follow_policy(reporter: Reporter, ctx: stages.BootContext, failed_stage: str) -> None:
     policy = ctx.policy if ctx.policy in POLICIES else "halt"
-    if policy == "continue" and ctx.root_mounted and not ctx.applied:
+    changed = ctx.committed or ctx.hooks_started
+    if policy == "continue" and ctx.root_mounted and not changed:
         reporter.stage("policy", "ok", 0.0, {"policy": policy, "failed_stage": failed_stage,
                                              "action": "booting the system unmodified"})
         _switch(reporter, ctx, modified=False)
         policy = "halt"  # the switch failed; fall through to halting
     elif policy == "continue":
         reason = ("the root file system is not mounted" if not ctx.root_mounted
-                  else "steps were already applied")
+                  else "the personality was committed or a hook ran")
         reporter.stage("policy", "failed", 0.0, {"policy": policy, "action": "halt",
                                                  "reason": f"cannot continue unmodified: {reason}"})
         policy = "halt"

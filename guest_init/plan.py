@@ -28,6 +28,7 @@ PLAN_VERSION = 1
 FAILURE_POLICIES = ("halt", "continue", "poweroff")
 DEFAULT_FAILURE_POLICY = "halt"
 DEFAULT_DEVICE_TIMEOUT = 30.0
+DEFAULT_FETCH_TIMEOUT = 120.0
 DEFAULT_INIT = "/sbin/init"
 DEFAULT_FSTYPE = "ext4"
 DEFAULT_OPTIONS = ("rw",)
@@ -187,6 +188,8 @@ class Plan:
     mounts: tuple[Mount, ...]
     steps: tuple[Step, ...]
     digest: str = field(compare=False)
+    fetch_timeout: float = 120.0
+    network: Any = None   # guest_init.network.NetworkConfig when the plan configures interfaces
 
     def mount_order(self) -> list[Mount]:
         """Mounts ordered so that every target's parent is mounted before it.
@@ -492,7 +495,8 @@ def validate_plan(doc: object, source: str = "plan") -> Plan:
 def _validate(doc: object) -> Plan:
     obj = expect_object(doc, "")
     expect_keys(
-        obj, "", ("version", "name", "mounts"), ("init", "failure_policy", "device_timeout", "steps")
+        obj, "", ("version", "name", "mounts"),
+        ("init", "failure_policy", "device_timeout", "fetch_timeout", "steps", "network"),
     )
     version = obj["version"]
     if isinstance(version, bool) or version != PLAN_VERSION or not isinstance(version, int):
@@ -508,6 +512,12 @@ def _validate(doc: object) -> Plan:
         raise PlanError("failure_policy", f"expected one of {', '.join(FAILURE_POLICIES)}, found {_found(policy)}")
 
     timeout = _parse_timeout(obj.get("device_timeout", DEFAULT_DEVICE_TIMEOUT), "device_timeout")
+    fetch_timeout = _parse_timeout(obj.get("fetch_timeout", DEFAULT_FETCH_TIMEOUT), "fetch_timeout")
+    network = None
+    if "network" in obj:
+        from .network import parse_network  # network.py imports this module: import here
+
+        network = parse_network(obj["network"], "network")
 
     raw_mounts = obj["mounts"]
     if not isinstance(raw_mounts, list):
@@ -540,6 +550,10 @@ def _validate(doc: object) -> Plan:
             known = ", ".join(sorted(OPERATIONS))
             raise PlanError(f"{where}.op", f"unknown operation {_found(op)} (known: {known})")
         steps.append(parser(step_obj, where))
+    hook_names = [s.name for s in steps if isinstance(s, HookStep)]
+    for i, step in enumerate(steps):
+        if isinstance(step, HookStep) and hook_names.count(step.name) > 1:
+            raise PlanError(f"steps[{i}].name", f"hook name {_found(step.name)} is used twice")
 
     return Plan(
         version=version,
@@ -550,6 +564,8 @@ def _validate(doc: object) -> Plan:
         mounts=tuple(mounts),
         steps=tuple(steps),
         digest=digest_of(doc),
+        fetch_timeout=fetch_timeout,
+        network=network,
     )
 
 

@@ -25,6 +25,12 @@ MODULES_LOAD = Path("/etc/supercharge/modules.json")
 # File-system types whose module has another name.
 FSTYPE_MODULES = {"ext2": "ext4", "ext3": "ext4", "nfs4": "nfsv4"}
 SYSROOT = Path("/sysroot")
+RUN_DIR = Path("/run/supercharge")
+ARTIFACTS = RUN_DIR / "artifacts"
+SCRATCH = RUN_DIR / "scratch"
+CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
+APPLIED_RECORD = "/var/lib/supercharge/applied.json"
+MAX_ARTIFACT = 1 << 30
 
 
 class StageFailed(Exception):
@@ -47,6 +53,10 @@ class BootContext:
     applied: list[dict] = field(default_factory=list)
     policy: str = "halt"
     unsigned_allowed: bool = False
+    artifacts: dict[int, Path] = field(default_factory=dict)
+    converged: bool = False
+    committed: bool = False
+    hooks_started: bool = False
 
 
 def _mount_if_needed(source: str, target: str, fstype: str, flags: int = 0, data: str | None = None) -> None:
@@ -247,22 +257,170 @@ def mount(ctx: BootContext) -> dict:
     return {"mounts": done}
 
 
-def apply(ctx: BootContext) -> dict:
-    """Apply the plan's steps to the mounted target, through the shared operations."""
-    from .ops import OP_APPLIERS, OpError
+def network(ctx: BootContext) -> dict:
+    """Bring up the interfaces the plan names (only when it has a network section)."""
+    plan = ctx.plan
+    if getattr(plan, "network", None) is None:
+        return {"skipped": "the plan configures no network"}
+    from .network import NetworkError, configure_network
 
-    for index, step in enumerate(ctx.plan.steps):
-        started = time.monotonic()
-        applier = OP_APPLIERS.get(step.op)
-        if applier is None:
-            raise StageFailed(f"steps[{index}]: operation '{step.op}' is not supported by this agent",
-                              {"step": index, "op": step.op, "applied": ctx.applied})
+    cfg = plan.network
+    try:
+        return configure_network(cfg, deadline=time.monotonic() + cfg.timeout)
+    except NetworkError as exc:
+        raise StageFailed(str(exc), dict(getattr(exc, "details", {}) or {})) from None
+
+
+def _sources(plan) -> list[tuple[int, object]]:
+    return [(i, step) for i, step in enumerate(plan.steps) if getattr(step, "source", None) is not None]
+
+
+def fetch(ctx: BootContext) -> dict:
+    """Retrieve and check every artifact before anything in the target changes.
+
+    A pinned artifact must match its SHA-256 (the pin is inside the signed
+    plan); an unpinned one must carry a valid ``URI.minisig`` from a trusted key.
+    """
+    items = _sources(ctx.plan)
+    if not items:
+        return {"artifacts": []}
+    from .fetch import FetchError
+    from .fetch import fetch as get
+
+    deadline = time.monotonic() + ctx.plan.fetch_timeout
+    ca = str(CA_BUNDLE) if CA_BUNDLE.exists() else None
+    done: list[dict] = []
+    for index, step in items:
+        source = step.source
+        dest = ARTIFACTS / str(index)
         try:
-            result = applier(SYSROOT, step)
-        except (OpError, OSError, ValueError) as exc:
-            raise StageFailed(f"steps[{index}] ({step.op} {getattr(step, 'path', '')}): {exc}",
-                              {"step": index, "op": step.op, "applied": ctx.applied}) from None
-        result = dict(result or {})
-        result.update(step=index, op=step.op, duration=round(time.monotonic() - started, 4))
-        ctx.applied.append(result)
-    return {"steps": ctx.applied}
+            got = get(source.uri, dest, sha256=source.sha256, deadline=deadline, ca_bundle=ca,
+                      max_bytes=MAX_ARTIFACT)
+        except FetchError as exc:
+            raise StageFailed(f"steps[{index}]: {exc}",
+                              {"step": index, "uri": source.uri, "attempts": getattr(exc, "attempts", None),
+                               "last_error": str(getattr(exc, "last_error", "") or exc), "fetched": done}) from None
+        entry = {"step": index, "uri": source.uri, "bytes": got.size, "sha256": got.sha256,
+                 "attempts": got.attempts, "seconds": round(got.seconds, 3), "pinned": bool(source.sha256)}
+        if not source.sha256:
+            entry.update(_check_unpinned(ctx, index, source.uri, dest, deadline, ca))
+        ctx.artifacts[index] = dest
+        done.append(entry)
+    return {"artifacts": done}
+
+
+def _check_unpinned(ctx: BootContext, index: int, uri: str, dest: Path, deadline: float, ca) -> dict:
+    from .fetch import FetchError
+    from .fetch import fetch as get
+    from .trust import TrustError, load_trusted_keys, verify_file
+
+    sig = dest.with_name(dest.name + ".minisig")
+    try:
+        get(uri + ".minisig", sig, deadline=deadline, ca_bundle=ca, max_bytes=8192)
+    except FetchError as exc:
+        if ctx.unsigned_allowed:
+            return {"signed": False, "warning": "unpinned and unsigned, accepted (development opt-out)"}
+        raise StageFailed(f"steps[{index}]: {uri} is not pinned and has no signature: {exc}",
+                          {"step": index, "uri": uri, "signature": uri + ".minisig"}) from None
+    try:
+        verified = verify_file(dest, sig, load_trusted_keys(TRUSTED_KEYS))
+    except TrustError as exc:
+        raise StageFailed(f"steps[{index}]: signature of {uri} refused: {exc}",
+                          {"step": index, "uri": uri, "kind": getattr(exc, "kind", None),
+                           "key_id": getattr(exc, "key_id", None)}) from None
+    return {"signed": True, "key_id": verified.key_id}
+
+
+def _applied_record() -> Path:
+    return SYSROOT / APPLIED_RECORD.lstrip("/")
+
+
+def apply(ctx: BootContext) -> dict:
+    """Stage every step in a transaction, then commit it at once (all or nothing).
+
+    A crash during an earlier commit is finished (or undone) first.  A plan
+    whose digest the target already records is not applied again: the boot
+    converges instead of failing on "already there".
+    """
+    import json
+
+    from .steps import StepFailed, apply_step
+    from .transaction import Transaction, TransactionError, recover
+
+    plan = ctx.plan
+    mounts = [m.target for m in plan.mounts]
+    recovered = recover(SYSROOT, mounts)
+    try:
+        record = json.loads(_applied_record().read_text())
+    except (OSError, ValueError):
+        record = {}
+    if record.get("plan_digest") == plan.digest:
+        ctx.converged = True
+        return {"converged": True, "plan_digest": plan.digest, "recovered": recovered}
+    txn = Transaction(SYSROOT, mounts)
+    for index, step in enumerate(plan.steps):
+        if step.op == "hook":
+            continue
+        started = time.monotonic()
+        try:
+            details = apply_step(txn, step, ctx.artifacts.get(index), SCRATCH / str(index))
+        except StepFailed as exc:
+            raise StageFailed(f"steps[{index}] ({step.op}): {exc}",
+                              {"step": index, "op": step.op, **exc.details, "staged": ctx.applied,
+                               "committed": False}) from None
+        details.update(step=index, op=step.op, duration=round(time.monotonic() - started, 4))
+        ctx.applied.append(details)
+    try:
+        summary = txn.commit()
+    except (TransactionError, OSError) as exc:
+        raise StageFailed(f"commit failed, nothing changed: {exc}", {"staged": ctx.applied}) from None
+    ctx.committed = bool(summary.get("files") or summary.get("deleted"))
+    return {"steps": ctx.applied, "commit": summary, "recovered": recovered}
+
+
+def hooks(ctx: BootContext) -> dict:
+    """Run the post-processing scripts chrooted in the target, then record the plan as applied."""
+    plan = ctx.plan
+    steps = [s for s in plan.steps if s.op == "hook"]
+    if ctx.converged:
+        return {"hooks": [], "converged": True}
+    results: list[dict] = []
+    if steps:
+        from .hooks import HookError, HookFailed, bind_api_mounts, hook_environment, run_hooks
+
+        ctx.hooks_started = True
+        scripts = {s.name: ctx.artifacts[i] for i, s in enumerate(plan.steps)
+                   if s.op == "hook" and i in ctx.artifacts}
+        try:
+            with bind_api_mounts(SYSROOT):
+                done = run_hooks(SYSROOT, steps, hook_environment(plan), scripts)
+        except HookFailed as exc:
+            raise StageFailed(str(exc), {"hooks": [r.to_record() for r in exc.results]}) from None
+        except HookError as exc:
+            raise StageFailed(str(exc)) from None
+        results = [r.to_record() for r in done]
+    recorded = _record_applied(ctx) if plan.steps else None
+    return {"hooks": results, "recorded": recorded}
+
+
+def _record_applied(ctx: BootContext) -> str | None:
+    """Mark the plan applied (after its hooks succeeded), atomically, for convergence."""
+    import json
+
+    from .transaction import Transaction, TransactionError
+
+    txn = Transaction(SYSROOT, [m.target for m in ctx.plan.mounts])
+    doc = {"plan_digest": ctx.plan.digest, "name": ctx.plan.name, "uptime": time.clock_gettime(time.CLOCK_BOOTTIME)}
+    try:
+        txn.write(APPLIED_RECORD, json.dumps(doc, sort_keys=True).encode() + b"\n", mode=0o644, uid=0, gid=0)
+        txn.commit()
+    except (TransactionError, OSError):
+        return None   # a read-only target: the personality is applied, only convergence is lost
+    return APPLIED_RECORD
+
+
+def cleanup_run() -> None:
+    """Artifacts and scratch trees live in /run's tmpfs, which moves into the real system."""
+    import shutil
+
+    shutil.rmtree(RUN_DIR, ignore_errors=True)
