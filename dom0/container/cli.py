@@ -11,6 +11,14 @@ from ..errors import EXIT_OK, UserError
 
 
 def _atomic_write(path: Path, text: str) -> None:
+    """Temporary file and rename for a regular file; a device (``/dev/null``, a tty) is
+    written in place: renaming over it would replace the device node itself."""
+    if path.exists() and not path.is_file():
+        if path.is_dir():
+            raise UserError(f"{path}: is a directory; expected a file name")
+        with open(path, "w") as out:
+            out.write(text)
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -22,7 +30,8 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 def run_containers(files: list[str], stripped: str, plan: str | None, log: str | None,
-                   workdir: str | None, as_json: bool) -> int:
+                   workdir: str | None, as_json: bool, trust: list[str] | None = None,
+                   require_signatures: bool = False, sign_key: str | None = None) -> int:
     from .parse import load_container
     from .process import Workspace, process_container
 
@@ -34,10 +43,22 @@ def run_containers(files: list[str], stripped: str, plan: str | None, log: str |
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
     workspace = Workspace(Path(workdir) if workdir else Path(files[0]).resolve().parent)
+    _set_trust(workspace, trust or [], require_signatures, sign_key)
     summary = []
-    log_lines: list[str] = []
+
+    def append_log(lines: list[str]) -> None:
+        # Written as each container ends, so a later failure does not lose what was done.
+        if log and lines:
+            with open(log, "a") as out:
+                out.writelines(line + "\n" for line in lines)
+
     for container in containers:
-        result = process_container(container, workspace)
+        try:
+            result = process_container(container, workspace)
+        except UserError as exc:
+            done = [entry.line() for entry in getattr(exc, "log", [])]
+            append_log(done + [f"{str(exc).splitlines()[0]} (FAILED, exit code {exc.exit_code})"])
+            raise
         stem = Path(container.path).stem
         cfg_path = out_dir / f"{stem}.cfg" if out_dir else Path(stripped)
         _atomic_write(cfg_path, result.stripped)
@@ -46,7 +67,11 @@ def run_containers(files: list[str], stripped: str, plan: str | None, log: str |
             plan_path = (out_dir / f"{stem}.plan.json" if out_dir
                          else Path(plan) if plan else cfg_path.with_name(cfg_path.name + ".plan.json"))
             _atomic_write(plan_path, json.dumps(result.plan, indent=2, sort_keys=True) + "\n")
-        log_lines += [entry.line() for entry in result.log]
+            if workspace.signer is not None:
+                from ..keys import sign_file, write_signature
+
+                write_signature(plan_path, sign_file(plan_path, workspace.signer))
+        append_log([entry.line() for entry in result.log])
         summary.append({"container": container.path, "stripped": str(cfg_path),
                         "plan": str(plan_path) if plan_path else None,
                         "expressions": [vars(e) for e in result.log]})
@@ -54,12 +79,38 @@ def run_containers(files: list[str], stripped: str, plan: str | None, log: str |
             for entry in result.log:
                 print(entry.line())
             print(f"stripped config: {cfg_path}" + (f"\nplan: {plan_path}" if plan_path else ""))
-    if log:
-        with open(log, "a") as out:
-            out.writelines(line + "\n" for line in log_lines)
     if as_json:
         print(json.dumps(summary if len(summary) > 1 else summary[0], indent=2, default=str))
     return EXIT_OK
+
+
+def _set_trust(workspace, trust: list[str], require: bool, sign_key: str | None) -> None:
+    if require and not trust:
+        raise UserError("--require-signatures needs --trust PUBKEY: the keys signatures are checked with")
+    if trust:
+        from guest_init.trust import TrustError, load_trusted_keys
+
+        for path in trust:
+            if not Path(path).exists():
+                raise UserError(f"{path}: trusted key not found")
+        try:
+            workspace.trust_keys = load_trusted_keys(trust)
+        except TrustError as exc:
+            raise UserError(str(exc)) from None
+    workspace.require_signatures = require
+    if sign_key is not None:
+        from ..keys import signing_key
+
+        workspace.signer = signing_key(sign_key)
+
+
+def _trust_options(p) -> None:
+    p.add_argument("--trust", action="append", metavar="PUBKEY",
+                   help="verify fetched archives, patches and files against these keys (URI.minisig)")
+    p.add_argument("--require-signatures", action="store_true",
+                   help="refuse anything fetched without a valid signature from a --trust key")
+    p.add_argument("--sign-key", metavar="SECKEY",
+                   help="sign what is produced (created and forked archives, patches, the plan)")
 
 
 def add_parser(sub) -> None:
@@ -73,7 +124,9 @@ def add_parser(sub) -> None:
     p.add_argument("--dir", help="working directory for fetched and expanded archives "
                                  "(default: the container's directory)")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
-    p.set_defaults(func=lambda a: run_containers(a.files, a.stripped, a.plan, a.log, a.dir, a.json))
+    _trust_options(p)
+    p.set_defaults(func=lambda a: run_containers(a.files, a.stripped, a.plan, a.log, a.dir, a.json,
+                                                 a.trust, a.require_signatures, a.sign_key))
 
 
 def vm_container_main(argv: list[str] | None = None) -> int:
@@ -85,9 +138,11 @@ def vm_container_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log")
     parser.add_argument("--dir")
     parser.add_argument("--plan")
+    _trust_options(parser)
     args = parser.parse_args(argv)
     try:
-        return run_containers([args.container], args.stripped, args.plan, args.log, args.dir, False)
+        return run_containers([args.container], args.stripped, args.plan, args.log, args.dir, False,
+                              args.trust, args.require_signatures, args.sign_key)
     except UserError as exc:
         print(f"vm-container: {exc}", file=sys.stderr)
         return exc.exit_code

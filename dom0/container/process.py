@@ -20,6 +20,7 @@ import shutil
 import stat
 import tempfile
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -54,28 +55,115 @@ def local_path(uri: str) -> Path | None:
     return None
 
 
+def _set_dir_meta(path: str, st: os.stat_result, as_root: bool) -> None:
+    if as_root:
+        os.chown(path, st.st_uid, st.st_gid)
+    os.chmod(path, stat.S_IMODE(st.st_mode))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def _clone_entry(src: str, st: os.stat_result, dest: str, as_root: bool,
+                 dirs: list[tuple[str, os.stat_result]]) -> None:
+    """Clone one entry of a tree: a directory (recursively), a symlink, or a hard link."""
+    if stat.S_ISDIR(st.st_mode):
+        os.mkdir(dest, 0o700)
+        with os.scandir(src) as entries:
+            for entry in entries:
+                _clone_entry(entry.path, entry.stat(follow_symlinks=False),
+                             os.path.join(dest, entry.name), as_root, dirs)
+        dirs.append((dest, st))          # its metadata once it is filled: children first
+    elif stat.S_ISLNK(st.st_mode):
+        os.symlink(os.readlink(src), dest)
+        if as_root:
+            os.lchown(dest, st.st_uid, st.st_gid)
+        os.utime(dest, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+    else:
+        os.link(src, dest, follow_symlinks=False)
+
+
 def hardlink_clone(src: Path, dest: Path) -> None:
-    """A copy of ``src`` made of hard links (directories and symlinks are real copies)."""
+    """A copy of ``src`` made of hard links (directories and symlinks are real copies).
+
+    Directories and symlinks keep their owner (when root), mode and mtime, so a
+    fork of an unchanged part of the tree archives exactly as the base did.
+    Directory metadata is set children first, after the directory is filled
+    (filling it would otherwise move its mtime to now).
+    """
+    as_root = os.geteuid() == 0
+    dirs: list[tuple[str, os.stat_result]] = []
     dest.mkdir(parents=True, exist_ok=True)
-    for dirpath, dirnames, filenames in os.walk(src):
-        rel = Path(dirpath).relative_to(src)
-        target_dir = dest / rel
-        for name in dirnames:
-            s = Path(dirpath) / name
-            d = target_dir / name
-            if s.is_symlink():
-                d.symlink_to(os.readlink(s))
-            else:
-                d.mkdir(exist_ok=True)
-                shutil.copystat(s, d, follow_symlinks=False)
-        for name in filenames:
-            s = Path(dirpath) / name
-            d = target_dir / name
-            if s.is_symlink():
-                d.symlink_to(os.readlink(s))
-            else:
-                os.link(s, d)
-    shutil.copystat(src, dest)
+    with os.scandir(src) as entries:
+        for entry in entries:
+            _clone_entry(entry.path, entry.stat(follow_symlinks=False),
+                         os.path.join(dest, entry.name), as_root, dirs)
+    dirs.append((str(dest), os.lstat(src)))
+    for path, st in dirs:
+        _set_dir_meta(path, st, as_root)
+
+
+def reset_clone(src: Path, dest: Path) -> None:
+    """Make ``dest``, a :func:`hardlink_clone` of ``src`` changed since, a fresh clone again.
+
+    Only what differs is redone: a file is kept when it is still the base's inode
+    (every change writes a new file and renames it, so a shared inode is never
+    changed), a symlink when its target, owner and mtime are the base's; what a
+    container added is removed, what it replaced or removed is linked again.
+    Reusing a finished container's working copy this way costs a walk of the
+    tree instead of removing it and cloning anew (removing directories is the
+    slow part on ext4).
+    """
+    as_root = os.geteuid() == 0
+    dirs: list[tuple[str, os.stat_result]] = []
+
+    def sync(s_dir: str, d_dir: str) -> None:
+        with os.scandir(s_dir) as entries:
+            base = {e.name: e for e in entries}
+        with os.scandir(d_dir) as entries:
+            mine = {e.name: e for e in entries}
+        for name, entry in mine.items():
+            if name not in base:
+                _remove_entry(entry)
+        for name, entry in base.items():
+            bst = entry.stat(follow_symlinks=False)
+            d = os.path.join(d_dir, name)
+            have = mine.get(name)
+            if have is not None:
+                wst = have.stat(follow_symlinks=False)
+                if stat.S_IFMT(wst.st_mode) == stat.S_IFMT(bst.st_mode):
+                    if stat.S_ISDIR(bst.st_mode):
+                        sync(entry.path, d)
+                        dirs.append((d, bst))
+                        continue
+                    if stat.S_ISLNK(bst.st_mode):
+                        if ((wst.st_uid, wst.st_gid, wst.st_mtime_ns) == (bst.st_uid, bst.st_gid, bst.st_mtime_ns)
+                                and os.readlink(d) == os.readlink(entry.path)):
+                            continue
+                    elif (wst.st_dev, wst.st_ino) == (bst.st_dev, bst.st_ino):
+                        continue
+                _remove_entry(have)
+            _clone_entry(entry.path, bst, d, as_root, dirs)
+
+    sync(str(src), str(dest))
+    dirs.append((str(dest), os.lstat(src)))
+    for path, st in dirs:
+        now = os.lstat(path)
+        if (stat.S_IMODE(now.st_mode), now.st_uid, now.st_gid, now.st_mtime_ns) != (
+                stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime_ns):
+            _set_dir_meta(path, st, as_root)
+
+
+def _remove_entry(entry: os.DirEntry) -> None:
+    if entry.is_dir(follow_symlinks=False):
+        shutil.rmtree(entry.path)
+    else:
+        os.unlink(entry.path)
+
+
+#: Compression levels for the archives the processor makes (create, fork): the standard
+#: tools' own defaults (``gzip``, ``zstd``, ``xz`` with no option), not the initramfs
+#: maximums of dom0.compress (gzip -9, zstd -19), which cost 2x (gzip) to 100x (zstd) the
+#: time for a fraction of a percent (gzip) of size on an /etc: forks are made per domain.
+ARCHIVE_LEVELS = {"gzip": 6, "zstd": 3, "xz": 6}
 
 
 def archive_tree(tree: Path, uri: str, out: Path) -> int:
@@ -83,9 +171,13 @@ def archive_tree(tree: Path, uri: str, out: Path) -> int:
     buf = io.BytesIO()
     writer = CpioWriter(buf)
     # A file system's archive keeps owners and mtimes; the image's lost+found is not content.
-    writer.add_tree(tree, preserve=True, exclude=("lost+found",))
+    try:
+        writer.add_tree(tree, preserve=True, exclude=("lost+found",))
+    except ValueError as exc:  # a FIFO or socket (the writer's message names it)
+        raise UserError(f"cannot archive {tree} for {uri}: {exc}") from None
     writer.close()
-    data = compress(buf.getvalue(), _suffix_compression(uri))
+    method = _suffix_compression(uri)
+    data = compress(buf.getvalue(), method, ARCHIVE_LEVELS.get(method))
     out.write_bytes(data)
     return len(data)
 
@@ -126,17 +218,88 @@ class Workspace:
             d.mkdir(parents=True, exist_ok=True)
         self._expanded: dict[str, Path] = {}
         self._fetched: dict[str, tuple[Path, str, int]] = {}
+        self._spares: dict[Path, list[Path]] = {}     # expanded base -> finished working copies
+        self._spare_dir: Path | None = None
+
+    def working_copy(self, base: Path, dest: Path) -> None:
+        """Make ``dest`` a working copy of the expanded archive ``base``: a finished
+        container's copy, reset (:func:`reset_clone`), when there is one, else a new clone."""
+        spares = self._spares.get(base)
+        if spares:
+            os.rename(spares.pop(), dest)
+            reset_clone(base, dest)
+        else:
+            hardlink_clone(base, dest)
+
+    def give_back(self, base: Path, tree: Path) -> None:
+        """Keep a finished container's working copy of ``base`` for the next container.
+
+        The spares are removed when the workspace goes (at the latest when the process exits).
+        """
+        if self._spare_dir is None:
+            self._spare_dir = Path(tempfile.mkdtemp(prefix="spare-", dir=self.work_dir))
+            weakref.finalize(self, shutil.rmtree, str(self._spare_dir), True)
+        spare = Path(tempfile.mkdtemp(dir=self._spare_dir))
+        os.rename(tree, spare / "tree")
+        self._spares.setdefault(base, []).append(spare / "tree")
+
+    #: Signature policy, set by the CLI: keys to verify fetched artifacts with,
+    #: whether an unsigned artifact is refused, and the key that signs what we store.
+    trust_keys: list | None = None
+    require_signatures: bool = False
+    signer: object | None = None
 
     def fetch(self, uri: str) -> tuple[Path, str, int]:
-        """(path, sha256, size) of ``uri``'s content, fetched once."""
+        """(path, sha256, size) of ``uri``'s content, fetched once (and verified, with --trust)."""
         hit = self._fetched.get(uri)
         if hit is None:
             from ..store import fetch_to_cache_result
 
             result = fetch_to_cache_result(uri, self.fetch_dir)
             hit = (result.path, result.sha256, result.size)
+            self.check_signature(uri, result.path)
             self._fetched[uri] = hit
         return hit
+
+    def check_signature(self, uri: str, path: Path) -> str | None:
+        """Verify ``URI.minisig`` against the trusted keys; returns the signer's key id."""
+        if not self.trust_keys and not self.require_signatures:
+            return None
+        from guest_init.trust import TrustError, verify_file
+
+        from ..store import fetch_to_cache
+
+        try:
+            sig = fetch_to_cache(uri + ".minisig", self.fetch_dir, progress=False, retries=1)
+        except UserError:
+            if self.require_signatures:
+                raise UserError(f"{uri}: no signature ({uri}.minisig), and --require-signatures is set",
+                                EXIT_FAILED) from None
+            return None
+        try:
+            return verify_file(path, sig, self.trust_keys or []).key_id
+        except TrustError as exc:
+            raise UserError(f"{uri}: {exc}", EXIT_FAILED) from None
+
+    def sign_stored(self, data_path: Path, uri: str) -> None:
+        """With --sign-key, store ``URI.minisig`` beside what was stored at ``uri``."""
+        if self.signer is None:
+            return
+        from ..keys import sign_file
+        from ..store import store
+
+        sig = data_path.with_name(data_path.name + ".minisig")
+        sig.write_text(sign_file(data_path, self.signer, trusted_comment=f"file:{uri.rsplit('/', 1)[-1]}"))
+        try:
+            store(sig, uri + ".minisig")
+        finally:
+            sig.unlink(missing_ok=True)
+
+    def forget(self, uri: str) -> None:
+        """This invocation stored something at ``uri``: later readers fetch what was stored
+        (as dom0.store's own cache does), instead of the copy fetched before."""
+        self._fetched.pop(uri, None)
+        self._expanded.pop(uri, None)
 
     def expanded(self, uri: str) -> Path:
         """The archive at ``uri``, expanded once; never changed (containers clone it)."""
@@ -170,6 +333,7 @@ class ContainerRun:
         stem = Path(container.path).name if container.path else "container"
         self.work = Path(tempfile.mkdtemp(prefix=f"{stem}-", dir=workspace.work_dir))
         self.trees: dict[str, Path] = {}
+        self.bases: dict[str, Path] = {}   # the expanded archive each working copy was made from
         self.fresh_images: set[Path] = set()
         self.disks: list[str] = []
         self.mounts: list[dict] = []
@@ -202,8 +366,9 @@ class ContainerRun:
         if hit is None:
             base = self.ws.expanded(uri)
             hit = self.work / hashlib.sha256(uri.encode()).hexdigest()[:16]
-            hardlink_clone(base, hit)
+            self.ws.working_copy(base, hit)
             self.trees[uri] = hit
+            self.bases[uri] = base
         return hit
 
     def is_image(self, path: Path) -> bool:
@@ -214,16 +379,24 @@ class ContainerRun:
         except OSError:
             return False
 
-    def store_file(self, expr: Expr, data_path: Path, uri: str) -> int:
+    def store_file(self, expr: Expr, data_path: Path, uri: str, tree: Path | None = None) -> int:
+        """Store a file at ``uri``; ``tree`` is the working copy it was archived from, if any."""
         from ..store import store
 
-        return store(data_path, self.uri(uri)).size
+        uri = self.uri(uri)
+        size = store(data_path, uri).size
+        self.ws.sign_stored(data_path, uri)
+        self.ws.forget(uri)
+        if self.trees.get(uri) not in (None, tree):
+            # This container's copy of what was there before is stale.
+            shutil.rmtree(self.trees.pop(uri))
+        return size
 
     def fork(self, expr: Expr, tree: Path, uri: str) -> int:
         out = self.work / f".fork-{os.getpid()}-{len(self.log)}"
         try:
             size = archive_tree(tree, uri, out)
-            self.store_file(expr, out, uri)
+            self.store_file(expr, out, uri, tree)
         finally:
             out.unlink(missing_ok=True)
         return size
@@ -284,8 +457,13 @@ class ContainerRun:
                         fields = line.split(":")
                         if len(fields) > 2 and fields[0] == name and fields[2].isdigit():
                             return int(fields[2])
-        raise self.fail(expr, f"owner: no {'user' if table == 'passwd' else 'group'} '{name}' in the "
-                        f"target's /etc/{table}; use a number", "owner")
+        what = "user" if table == "passwd" else "group"
+        if tree is None:
+            raise self.fail(expr, f"owner: the {what} '{name}' cannot be looked up at boot (the plan "
+                            f"carries numeric ids; dom0 cannot read the guest's /etc/{table}); use a "
+                            "number, or root", "owner")
+        raise self.fail(expr, f"owner: no {what} '{name}' in the target's /etc/{table}; use a number",
+                        "owner")
 
     # -- the expressions -----------------------------------------------------------------
 
@@ -293,14 +471,22 @@ class ContainerRun:
         handlers = {"create": self.do_create, "image": self.do_image, "populate": self.do_populate,
                     "replace": self.do_change, "copy": self.do_change, "patch": self.do_patch,
                     "hook": self.do_hook, "mount": self.do_mount}
-        for expr in self.c.expressions:
-            started = time.monotonic()
-            summary, action, moved = handlers[expr.kind](expr)
-            self.log.append(LogEntry(self.where(expr), expr.kind, summary, action,
-                                     time.monotonic() - started, moved))
-        plan = self.build_plan()
-        stripped = self.stripped()
-        shutil.rmtree(self.work, ignore_errors=True)
+        try:
+            for expr in self.c.expressions:
+                started = time.monotonic()
+                summary, action, moved = handlers[expr.kind](expr)
+                self.log.append(LogEntry(self.where(expr), expr.kind, summary, action,
+                                         time.monotonic() - started, moved))
+            plan = self.build_plan()
+            stripped = self.stripped()
+        except UserError as exc:
+            exc.log = self.log  # type: ignore[attr-defined]  # what was done before it, for --log
+            raise
+        else:
+            for uri, tree in self.trees.items():      # reused, reset, by the next container
+                self.ws.give_back(self.bases[uri], tree)
+        finally:
+            shutil.rmtree(self.work, ignore_errors=True)   # nothing else of this container is kept
         return ContainerResult(self.c, stripped, plan, self.log, self.disks)
 
     def do_create(self, expr: Create) -> tuple[str, str, int]:
@@ -397,7 +583,7 @@ class ContainerRun:
         return expr.path, "compiled into the plan (at boot)", moved
 
     def do_patch(self, expr: Patch) -> tuple[str, str, int]:
-        from guest_init.patch import PatchParseError, apply_patch
+        from guest_init.patch import PatchParseError, apply_patch, parse_patch
 
         path, digest, size = self.ws.fetch(self.uri(expr.patch))
         if expr.at_boot:
@@ -420,24 +606,27 @@ class ContainerRun:
         moved = size
         with ctx as root:
             root = Path(root)
-            before = None
-            if expr.patch_out:
-                before = self.work / f".before-{len(self.log)}"
-                shutil.copytree(root, before, symlinks=True)
+            strip = expr.strip if expr.strip is not None else 1
+            touched: set[str] | None = None
             try:
-                result = apply_patch(patch, root, strip=expr.strip if expr.strip is not None else 1,
-                                     source=expr.patch)
+                if expr.patch_out:
+                    # Only what the patch names can change: snapshot those paths, not the
+                    # whole file system (an image may be large, and hold device nodes).
+                    touched = {p for fp in parse_patch(patch, strip=strip, source=expr.patch)
+                               for p in (fp.old_path, fp.new_path, *fp.alternatives) if p}
+                    before = _patch_view(root, touched)
+                result = apply_patch(patch, root, strip=strip, source=expr.patch)
             except PatchParseError as exc:
-                raise self.fail(expr, f"{expr.patch}: {exc}", "patch") from None
+                raise self.fail(expr, str(exc), "patch") from None
             if result.status == "failed":
                 raise UserError(f"{expr.pos}: patch {expr.patch} does not apply to {expr.target} "
                                 f"(nothing changed):\n{result.render()}", EXIT_FAILED)
             action = "applied" if result.status == "applied" else "already applied"
-            if before is not None:
-                from guest_init.patch.generate import diff_trees
+            if touched is not None:
+                from guest_init.patch.generate import diff_entries
 
-                moved += self.patch_out(expr, diff_trees(before, root), expr.patch_out)
-                shutil.rmtree(before, ignore_errors=True)
+                out = diff_entries(before, _patch_view(root, touched))
+                moved += self.patch_out(expr, out, expr.patch_out)
                 action += f", patch stored at {expr.patch_out}"
             if expr.fork:
                 moved += self.fork(expr, root, expr.fork)
@@ -485,6 +674,24 @@ class ContainerRun:
             listing = write_xl_config({"disk": self.disks}).split("=", 1)[1].strip()
             text += f"# exported by container expressions\n{key} {listing}\n"
         return text
+
+
+def _patch_view(root: Path, paths: set[str]) -> dict:
+    """What a patch sees of ``paths`` under ``root``: files and symlinks (not followed)."""
+    from guest_init.patch.generate import MODE_LINK, TreeEntry, git_mode
+
+    entries = {}
+    for rel in paths:
+        path = root / rel
+        try:
+            st = path.lstat()
+            if stat.S_ISLNK(st.st_mode):
+                entries[os.fsencode(rel)] = TreeEntry(MODE_LINK, os.fsencode(os.readlink(path)))
+            elif stat.S_ISREG(st.st_mode):
+                entries[os.fsencode(rel)] = TreeEntry(git_mode(st.st_mode), path.read_bytes())
+        except OSError:
+            continue
+    return entries
 
 
 def _read_if_file(root: Path, rel: str) -> tuple[bytes, int] | None:

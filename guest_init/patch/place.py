@@ -1,0 +1,299 @@
+"""Where each hunk goes in a file, and the file that results: GNU patch 2.7.6's rules.
+
+The point is byte-identical results to ``patch -p1 --fuzz 2`` on the same
+input, including where a drifted file makes placement ambiguous, so this
+follows GNU patch's algorithm step by step rather than inventing a nicer one:
+
+* a hunk is first tried at the line it states, shifted by the offset the
+  previous hunk of the same file needed (``in_offset``);
+* then at offsets 1, 2, 3... from there, each offset first forward then
+  backward, never before the last line an earlier hunk changed and never
+  past the end of the file (``locate_hunk``);
+* if it fits nowhere, again with fuzz 1, then 2 (at most the hunk's own
+  context): fuzz N ignores up to N context lines at each end.  A hunk with
+  less context at its start than at its end was made at the start of the
+  file and may only match there (likewise at the end), until the fuzz
+  exceeds the missing context;
+* context lines are never rewritten: the file's own lines stay, only ``-``
+  lines are dropped and ``+`` lines inserted (``apply_hunk``).
+
+A hunk that fits nowhere is skipped and the next one placed as if it had not
+been there, so every failed hunk of a file is reported, as GNU patch reports
+them.  Pure functions of (lines, hunks): no file-system access here.
+"""
+from __future__ import annotations
+
+from .model import Hunk, HunkResult
+
+
+class FilePlacer:
+    """Applies the hunks of one file to its lines, keeping GNU patch's state.
+
+    ``lines`` are the file's lines with their endings (``split_lines``).
+    State mirrors GNU patch: ``last_frozen`` is the number of input lines
+    already copied or deleted, ``in_offset``/``out_offset`` the shifts between
+    the patch's line numbers and the input/output files.
+    """
+
+    def __init__(self, lines: list[bytes]) -> None:
+        self.lines = lines
+        self.n = len(lines)
+        self.out: list[bytes] = []
+        self.last_frozen = 0
+        self.after_newline = True
+        self.in_offset = 0
+        self.out_offset = 0
+
+    # -- placement
+
+    def matches(self, pos: int, hunk: Hunk, prefix_fuzz: int, suffix_fuzz: int) -> bool:
+        """Does the old side, less the fuzzed context, equal the file at line ``pos``?"""
+        lo = prefix_fuzz
+        hi = len(hunk.old_lines) - suffix_fuzz
+        if hi <= lo:
+            return True
+        s = pos - 1 + lo
+        e = pos - 1 + hi
+        if s < 0 or e > self.n:
+            return False  # lines outside the file are empty: never equal to a patch line
+        lines = self.lines
+        pat = hunk.old_lines
+        if lines[s] != pat[lo]:
+            return False
+        return lines[s:e] == pat[lo:hi]
+
+    def locate(self, hunk: Hunk, fuzz: int) -> int:
+        """GNU ``locate_hunk``: the 1-based line where the hunk fits, or 0."""
+        first_guess = hunk.first + self.in_offset
+        pat_lines = len(hunk.old_lines)
+        prefix_context = hunk.prefix_context
+        suffix_context = hunk.suffix_context
+        context = max(prefix_context, suffix_context)
+        prefix_fuzz = fuzz + prefix_context - context
+        suffix_fuzz = fuzz + suffix_context - context
+        max_where = self.n - (pat_lines - suffix_fuzz) + 1
+        min_where = self.last_frozen + 1
+        max_pos_offset = max_where - first_guess
+        max_neg_offset = first_guess - min_where
+        max_offset = max(max_pos_offset, max_neg_offset)
+
+        if not pat_lines:  # an insertion without context fits where it says
+            return first_guess
+        if first_guess <= max_neg_offset:  # never before line 1
+            max_neg_offset = first_guess - 1
+
+        if prefix_fuzz < 0 and hunk.first <= 1:
+            # Less context at the start than at the end: made at the start of the file.
+            if suffix_fuzz < 0 and (pat_lines != self.n or prefix_context < self.last_frozen):
+                return 0  # ... and at its end: only the whole file will do
+            offset = 1 - first_guess
+            if (self.last_frozen <= prefix_context and offset <= max_pos_offset
+                    and self.matches(first_guess + offset, hunk, 0, suffix_fuzz)):
+                self.in_offset += offset
+                return first_guess + offset
+            return 0
+        if prefix_fuzz < 0:
+            prefix_fuzz = 0
+
+        if suffix_fuzz < 0:
+            # Less context at the end: made at the end of the file, so only there.
+            offset = first_guess - (self.n - pat_lines + 1)
+            if offset <= max_neg_offset and self.matches(first_guess - offset, hunk, prefix_fuzz, 0):
+                self.in_offset -= offset
+                return first_guess - offset
+            return 0
+
+        if max_pos_offset < 0:
+            min_offset = first_guess - max_where
+        elif max_neg_offset < 0:
+            min_offset = first_guess - min_where
+        else:
+            min_offset = 0
+        matches = self.matches
+        for offset in range(min_offset, max_offset + 1):
+            if offset <= max_pos_offset and matches(first_guess + offset, hunk, prefix_fuzz, suffix_fuzz):
+                self.in_offset += offset
+                return first_guess + offset
+            if offset <= max_neg_offset and matches(first_guess - offset, hunk, prefix_fuzz, suffix_fuzz):
+                self.in_offset -= offset
+                return first_guess - offset
+        return 0
+
+    # -- output
+
+    def copy_till(self, lastline: int) -> bool:
+        """Copy input lines up to ``lastline`` (1-based) to the output; False if already past it."""
+        lf = self.last_frozen
+        if lf > lastline:
+            return False  # GNU: "misordered hunks! output would be garbled"
+        if lf < lastline:
+            hi = min(lastline, self.n)
+            if lf < hi:
+                if not self.after_newline:
+                    self.out.append(b"\n")
+                self.out.extend(self.lines[lf:hi])
+                self.after_newline = self.lines[hi - 1].endswith(b"\n")
+            self.last_frozen = lastline
+        return True
+
+    def apply_hunk(self, hunk: Hunk, where: int, fuzz: int = 0) -> bool:
+        """GNU ``apply_hunk``: drop ``-`` lines, insert ``+`` lines, keep the file's context."""
+        old_lines, new_lines = hunk.old_lines, hunk.new_lines
+        if (fuzz == 0 and self.after_newline and (not old_lines or old_lines[-1].endswith(b"\n"))
+                and (not new_lines or new_lines[-1].endswith(b"\n"))):
+            # Every line of the old side matched, so the new side's context lines
+            # are the file's own: the walk below comes down to this (same result).
+            prefix, suffix = hunk.prefix_context, hunk.suffix_context
+            if not self.copy_till(where - 1 + prefix):
+                return False
+            self.out.extend(new_lines[prefix:len(new_lines) - suffix])
+            self.last_frozen = where - 1 + len(old_lines) - suffix
+            self.out_offset += len(new_lines) - len(old_lines)
+            return True
+        old_kinds, new_kinds = hunk.old_kinds, hunk.new_kinds
+        out = self.out
+        base = where - 1
+        n_old, n_new = len(old_kinds), len(new_kinds)
+        old = new = 0
+        while old < n_old:
+            if old_kinds[old] == "-":
+                if not self.copy_till(base + old):
+                    return False
+                self.last_frozen += 1
+                old += 1
+            elif new >= n_new:
+                break
+            elif new_kinds[new] == "+":
+                if not self.copy_till(base + old):
+                    return False
+                line = new_lines[new]
+                out.append(line)
+                self.after_newline = line.endswith(b"\n")
+                new += 1
+            else:
+                old += 1
+                new += 1
+        if new < n_new and new_kinds[new] == "+":
+            if not self.copy_till(base + old):
+                return False
+            while new < n_new and new_kinds[new] == "+":
+                if not self.after_newline:
+                    out.append(b"\n")
+                line = new_lines[new]
+                out.append(line)
+                self.after_newline = line.endswith(b"\n")
+                new += 1
+        self.out_offset += len(new_lines) - len(hunk.old_lines)
+        return True
+
+    def finish(self) -> bytes:
+        """Copy the rest of the input and return the patched content."""
+        self.copy_till(self.n)
+        return b"".join(self.out)
+
+    # -- one hunk, start to end
+
+    def place_exact(self, hunk: Hunk, *, creating: bool = False, input_size: int = 0) -> HunkResult:
+        """Apply ``hunk`` only if it fits at the line it states, without fuzz (no search)."""
+        first_guess = hunk.first + self.in_offset
+        pat_lines = len(hunk.old_lines)
+        fits = first_guess > self.last_frozen and (
+            not pat_lines or (first_guess <= self.n - pat_lines + 1
+                              and self.matches(first_guess, hunk, 0, 0)))
+        if fits and not (first_guess == 1 and creating and input_size):
+            new_line = first_guess + self.out_offset
+            if self.apply_hunk(hunk, first_guess, 0):
+                return HunkResult(hunk.number, hunk.header, "applied", first_guess, new_line,
+                                  self.in_offset, 0)
+        return HunkResult(hunk.number, hunk.header, "failed", None, first_guess + self.out_offset,
+                          self.in_offset, 0, reason="its old lines are not at the stated line")
+
+    def place(self, hunk: Hunk, max_fuzz: int, *, creating: bool = False,
+              input_size: int = 0) -> HunkResult:
+        """Locate and apply ``hunk`` (fuzz 0 up to ``max_fuzz``); the result either way."""
+        context = max(hunk.prefix_context, hunk.suffix_context)
+        limit = min(max_fuzz, context)
+        where = 0
+        fuzz = 0
+        # The common case first: the hunk is exactly where it says.  This is the
+        # first place locate() would try when the context is balanced and the
+        # stated line is inside the search range, so the result is the same.
+        first_guess = hunk.first + self.in_offset
+        pat_lines = len(hunk.old_lines)
+        if (pat_lines and hunk.prefix_context == hunk.suffix_context
+                and self.last_frozen < first_guess <= self.n - pat_lines + 1
+                and self.lines[first_guess - 1:first_guess - 1 + pat_lines] == hunk.old_lines):
+            where = first_guess
+        else:
+            while True:
+                where = self.locate(hunk, fuzz)
+                if where or fuzz >= limit:
+                    break
+                fuzz += 1
+        new_line = (where if where else hunk.first) + self.out_offset
+        ok = bool(where)
+        reason = None
+        if ok and where == 1 and creating and input_size:
+            ok, reason = False, "the file already exists and is not empty"
+        elif ok and not self.apply_hunk(hunk, where, fuzz):
+            ok, reason = False, "it would overlap a change made by an earlier hunk"
+        if ok:
+            return HunkResult(hunk.number, hunk.header, "applied", line=where, new_line=new_line,
+                              offset=self.in_offset, fuzz=fuzz)
+        pat_lines = len(hunk.old_lines)
+        first_guess = hunk.first + self.in_offset
+        lo = self.last_frozen + 1
+        hi = max(lo, self.n - max(pat_lines - limit, 0) + 1)
+        return HunkResult(
+            hunk.number, hunk.header, "failed", line=None, new_line=new_line,
+            offset=self.in_offset, fuzz=0,
+            reason=reason or "its old lines are not in the file",
+            tried={"line": first_guess, "from_line": lo, "to_line": hi, "max_fuzz": limit})
+
+
+def place_hunks(lines: list[bytes], hunks: list[Hunk], max_fuzz: int, *, creating: bool = False,
+                input_size: int = 0, stop_on_failure: bool = False,
+                exact_only: bool = False) -> tuple[bytes, list[HunkResult]]:
+    """Apply ``hunks`` to ``lines`` as GNU patch would; the output and one result per hunk.
+
+    The output is meaningful only if every hunk applied.  ``stop_on_failure``
+    returns at the first hunk that does not fit (a yes/no question, such as
+    "is the reverse applied?", needs no more); ``exact_only`` tries each hunk
+    only at the line it states (shifted by earlier hunks), without fuzz.
+    """
+    placer = FilePlacer(lines)
+    results = []
+    n = len(lines)
+    out = placer.out
+    for h in hunks:
+        # Inline fast path (the bulk of a large patch): a balanced hunk that fits
+        # exactly where it says, all lines ending in a newline.  Same state
+        # changes as place() -> locate() -> apply_hunk() take for it.
+        old_lines, new_lines = h.old_lines, h.new_lines
+        first_guess = h.first + placer.in_offset
+        pat_lines = len(old_lines)
+        prefix = h.prefix_context
+        if (pat_lines and prefix == h.suffix_context and placer.after_newline
+                and placer.last_frozen < first_guess <= n - pat_lines + 1
+                and lines[first_guess - 1:first_guess - 1 + pat_lines] == old_lines
+                and old_lines[-1][-1:] == b"\n" and (not new_lines or new_lines[-1][-1:] == b"\n")
+                and not (creating and first_guess == 1 and input_size)):
+            new_line = first_guess + placer.out_offset
+            lf = placer.last_frozen
+            hi = first_guess - 1 + prefix
+            if lf < hi:
+                out.extend(lines[lf:hi])
+            out.extend(new_lines[prefix:len(new_lines) - prefix])
+            placer.last_frozen = first_guess - 1 + pat_lines - prefix
+            placer.out_offset += len(new_lines) - pat_lines
+            results.append(HunkResult(h.number, h.header, "applied", first_guess, new_line,
+                                      placer.in_offset, 0))
+            continue
+        if exact_only:
+            result = placer.place_exact(h, creating=creating, input_size=input_size)
+        else:
+            result = placer.place(h, max_fuzz, creating=creating, input_size=input_size)
+        results.append(result)
+        if stop_on_failure and result.status != "applied":
+            return b"", results
+    return placer.finish(), results
