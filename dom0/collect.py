@@ -71,6 +71,24 @@ def _seconds(value: object) -> str:
     return "-"
 
 
+def _step_lines(stage: object, details: dict) -> list[str]:
+    """The steps inside a stage worth a line each: artifacts, applied steps, hooks."""
+    out: list[str] = []
+    for item in details.get("artifacts") or []:
+        out.append(f"fetched {item.get('uri')} ({item.get('bytes')} bytes, {_seconds(item.get('seconds'))}, "
+                   f"{'pinned' if item.get('pinned') else 'signed' if item.get('signed') else 'unverified'})")
+    for step in details.get("steps") or []:
+        what = step.get("path") or step.get("uri") or ""
+        out.append(f"steps[{step.get('step')}] {step.get('op')} {what} {_seconds(step.get('duration'))}")
+    for hook in details.get("hooks") or []:
+        out.append(f"hook {hook.get('name')}: exit {hook.get('exit_code')} {_seconds(hook.get('seconds'))}")
+    if details.get("converged"):
+        out.append("plan already applied on an earlier boot: nothing to do (converged)")
+    if details.get("recovered"):
+        out.append(f"an interrupted commit was {details['recovered']}")
+    return out
+
+
 def render_report(report: dict) -> str:
     """A short human summary: one line per stage, the outcome, then the problems.
 
@@ -89,6 +107,8 @@ def render_report(report: dict) -> str:
             f"{_seconds(record.get('duration')):>10}"
         )
         details = record.get("details")
+        if isinstance(details, dict):
+            lines += [f"  {'':<{width}}  {line}" for line in _step_lines(record.get("stage"), details)]
         if record.get("status") == "failed" and isinstance(details, dict) and details.get("error"):
             lines.append(f"  {'':<{width}}  error: {details['error']}")
     outcome = report.get("outcome")

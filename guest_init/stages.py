@@ -284,6 +284,8 @@ def fetch(ctx: BootContext) -> dict:
     items = _sources(ctx.plan)
     if not items:
         return {"artifacts": []}
+    if _already_applied(ctx):
+        return {"artifacts": [], "converged": True}
     from .fetch import FetchError
     from .fetch import fetch as get
 
@@ -335,6 +337,19 @@ def _applied_record() -> Path:
     return SYSROOT / APPLIED_RECORD.lstrip("/")
 
 
+def _already_applied(ctx: BootContext) -> bool:
+    """Whether the target records this very plan as applied (its hooks included)."""
+    import json
+
+    if not ctx.converged:
+        try:
+            record = json.loads(_applied_record().read_text())
+        except (OSError, ValueError):
+            record = {}
+        ctx.converged = record.get("plan_digest") == ctx.plan.digest
+    return ctx.converged
+
+
 def apply(ctx: BootContext) -> dict:
     """Stage every step in a transaction, then commit it at once (all or nothing).
 
@@ -350,12 +365,7 @@ def apply(ctx: BootContext) -> dict:
     plan = ctx.plan
     mounts = [m.target for m in plan.mounts]
     recovered = recover(SYSROOT, mounts)
-    try:
-        record = json.loads(_applied_record().read_text())
-    except (OSError, ValueError):
-        record = {}
-    if record.get("plan_digest") == plan.digest:
-        ctx.converged = True
+    if _already_applied(ctx):
         return {"converged": True, "plan_digest": plan.digest, "recovered": recovered}
     txn = Transaction(SYSROOT, mounts)
     for index, step in enumerate(plan.steps):

@@ -1,0 +1,195 @@
+"""The guest pipeline for real: DHCP, fetch over HTTP from dom0, copy, patch, extract, hook,
+all committed at once; a second boot converges; a patch that does not fit changes nothing and
+is diagnosed from dom0.
+
+The HTTP server listens on 127.0.0.1; the guest reaches it as 10.0.2.2 (qemu user networking).
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import http.server
+import io
+import json
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from dom0.boot import boot_domain
+from dom0.cpio import CpioWriter
+from dom0.initrd import load_trust, prepare_initrd
+from dom0.keys import sign_with
+from dom0.rootfs import busybox_tree, make_ext4_image
+from dom0.xlcfg import write_xl_config
+
+pytestmark = pytest.mark.boot
+
+LABEL = "sc-pipe-root"
+MAC = "52:54:00:12:34:56"
+INIT = """#!/bin/sh
+mount -t proc proc /proc 2>/dev/null
+echo "pipe-init: hostname=$(cat /etc/hostname)"
+echo "pipe-init: motd=$(cat /etc/motd)"
+echo "pipe-init: hosts=$(cat /etc/hosts | tr '\\n' '|')"
+echo "pipe-init: app=$(cat /opt/app/version)"
+echo "pipe-init: hook-runs=$(wc -l < /etc/hook-ran)"
+poweroff -f
+"""
+HOSTS = b"127.0.0.1 localhost\n10.0.0.1 gateway\n10.0.0.2 db\n"
+PATCH = b"""--- a/hosts
++++ b/hosts
+@@ -1,3 +1,3 @@
+ 127.0.0.1 localhost
+ 10.0.0.1 gateway
+-10.0.0.2 db
++10.0.0.9 db
+"""
+BAD_PATCH = b"""--- a/hosts
++++ b/hosts
+@@ -1,3 +1,3 @@
+ 127.0.0.1 localhost
+ 10.0.0.1 router
+-10.0.0.2 database
++10.0.0.9 database
+"""
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """An HTTP server on 127.0.0.1 serving the artifacts; yields (dir, port)."""
+    root = tmp_path_factory.mktemp("served")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    (root / "motd").write_bytes(b"welcome to web1\n")
+    (root / "hosts.patch").write_bytes(PATCH)
+    (root / "bad.patch").write_bytes(BAD_PATCH)
+    buf = io.BytesIO()
+    writer = CpioWriter(buf)
+    writer.add_file("version", b"app 2.1\n", 0o644)
+    writer.close()
+    (root / "app.cpio").write_bytes(buf.getvalue())
+    yield root, server.server_address[1]
+    server.shutdown()
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _plan(served_dir: Path, port: int, patch: str) -> dict:
+    base = f"http://10.0.2.2:{port}"
+    return {
+        "version": 1, "name": "web1", "failure_policy": "halt", "device_timeout": 20,
+        "network": {"interfaces": [{"match": {"mac": MAC}, "dhcp": True}], "timeout": 30},
+        "mounts": [{"device": {"label": LABEL}, "target": "/"}],
+        "steps": [
+            {"op": "replace", "path": "/etc/hostname", "content": "web1\n"},
+            {"op": "copy", "path": "/etc/motd", "uri": f"{base}/motd", "sha256": _sha(served_dir / "motd")},
+            {"op": "patch", "uri": f"{base}/{patch}", "sha256": _sha(served_dir / patch), "dir": "/etc"},
+            {"op": "extract", "uri": f"{base}/app.cpio", "sha256": _sha(served_dir / "app.cpio"),
+             "dir": "/opt/app"},
+            {"op": "hook", "name": "mark",
+             "script": 'echo "$SUPERCHARGE_DOMAIN $SUPERCHARGE_PLAN_DIGEST" >> /etc/hook-ran\n'},
+        ],
+    }
+
+
+def _domain(tmp, kernel, keys, plan: dict, name: str, disk: Path) -> Path:
+    (secret, public), _ = keys
+    plan_file = tmp / f"{name}.plan.json"
+    plan_file.write_text(json.dumps(plan))
+    sign_with(plan_file, secret)
+    initrd = tmp / f"{name}.initrd"
+    prepare_initrd(kernel, initrd, plan=plan_file, trust=load_trust([str(public)], False))
+    cfg = tmp / f"{name}.cfg"
+    cfg.write_text(write_xl_config({"name": name, "kernel": str(kernel.vmlinuz), "ramdisk": str(initrd),
+                                    "memory": 512, "vif": [f"mac={MAC}"],
+                                    "disk": [f"format=raw,vdev=xvda,access=rw,target={disk}"]}))
+    return cfg
+
+
+def _boot(tmp, cfg: Path, name: str) -> tuple[int, dict, str]:
+    code = boot_domain(cfg, timeout=300, after="wait", state_dir=tmp / "state", quiet=True)
+    state = tmp / "state" / name
+    return code, json.loads((state / "report.json").read_text()), (state / "console.log").read_text(errors="replace")
+
+
+def _record(report: dict, stage: str) -> dict:
+    return [r for r in report["records"] if r["stage"] == stage][-1]
+
+
+def _root_image(tmp: Path) -> Path:
+    tree = busybox_tree(tmp / "root", INIT, hostname="unconfigured")
+    for applet in ("tr", "wc"):
+        (tree / "bin" / applet).symlink_to("busybox")
+    (tree / "etc" / "hosts").write_bytes(HOSTS)
+    (tree / "opt").mkdir()
+    return make_ext4_image(tree, tmp / "root.img", LABEL)
+
+
+def test_pipeline_applies_everything_then_converges(tmp_path, kernel, served, signing_keys):
+    served_dir, port = served
+    disk = _root_image(tmp_path)
+    cfg = _domain(tmp_path, kernel, signing_keys, _plan(served_dir, port, "hosts.patch"), "web1", disk)
+
+    code, report, console = _boot(tmp_path, cfg, "web1")
+
+    assert code == 0, console[-4000:]
+    assert "pipe-init: hostname=web1" in console
+    assert "pipe-init: motd=welcome to web1" in console
+    assert "pipe-init: hosts=127.0.0.1 localhost|10.0.0.1 gateway|10.0.0.9 db|" in console
+    assert "pipe-init: app=app 2.1" in console
+    assert "pipe-init: hook-runs=1" in console
+    network = _record(report, "network")
+    assert network["status"] == "ok", network
+    fetch = _record(report, "fetch")
+    assert [a["pinned"] for a in fetch["details"]["artifacts"]] == [True, True, True]
+    apply = _record(report, "apply")
+    assert [s["op"] for s in apply["details"]["steps"]] == ["replace", "copy", "patch", "extract"]
+    hooks = _record(report, "hooks")
+    assert hooks["details"]["hooks"][0]["exit_code"] == 0
+    assert hooks["details"]["recorded"] == "/var/lib/supercharge/applied.json"
+
+    # The same plan again on the same disk: nothing applied twice, nothing fails.
+    code, report, console = _boot(tmp_path, cfg, "web1")
+    assert code == 0, console[-4000:]
+    assert _record(report, "apply")["details"]["converged"] is True
+    assert "pipe-init: hook-runs=1" in console
+    assert "pipe-init: hosts=127.0.0.1 localhost|10.0.0.1 gateway|10.0.0.9 db|" in console
+
+
+def test_patch_that_does_not_fit_changes_nothing_and_is_diagnosed(tmp_path, kernel, served, signing_keys):
+    served_dir, port = served
+    disk = _root_image(tmp_path)
+    before = disk.read_bytes()
+    cfg = _domain(tmp_path, kernel, signing_keys, _plan(served_dir, port, "bad.patch"), "web2", disk)
+
+    code, report, console = _boot(tmp_path, cfg, "web2")
+
+    assert code == 1
+    assert "pipe-init" not in console
+    apply = _record(report, "apply")
+    assert apply["status"] == "failed"
+    assert apply["details"]["step"] == 2 and apply["details"]["committed"] is False
+    assert report["outcome"]["outcome"] == "halted"
+    # Nothing committed: the earlier replace and copy never reached the disk.
+    debugfs = subprocess.run(["debugfs", "-R", "cat /etc/hostname", str(disk)], capture_output=True, text=True)
+    assert debugfs.stdout == "unconfigured\n"
+
+    diagnosis = subprocess.run([sys.executable, "-m", "dom0", "diagnose", str(tmp_path / "state" / "web2" / "report.json")],
+                               capture_output=True, text=True)
+    assert diagnosis.returncode == 1
+    text = diagnosis.stdout
+    assert "failed stage: apply" in text
+    assert "steps[2] (patch)" in text
+    assert "bad.patch" in text
+    assert "10.0.0.1 router" in text      # what the hunk expected
+    assert "10.0.0.1 gateway" in text     # what the file holds
+    assert "what to do:" in text
