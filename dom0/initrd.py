@@ -261,22 +261,44 @@ def plan_segment(plan_path: Path, trust: TrustSettings) -> tuple[bytes, int]:
     return buf.getvalue(), writer.files
 
 
-def _atomic_write(path: Path, chunks: list[bytes]) -> None:
+def _write_chunks(out, chunks: list) -> None:
+    """Bytes are written; a Path is copied in the kernel (copy_file_range), not through Python."""
+    for chunk in chunks:
+        if isinstance(chunk, Path):
+            out.flush()
+            with open(chunk, "rb") as src:
+                size = os.fstat(src.fileno()).st_size
+                done = 0
+                while done < size:
+                    try:
+                        n = os.copy_file_range(src.fileno(), out.fileno(), size - done)
+                    except OSError:
+                        n = 0
+                    if n == 0:   # not supported here: plain copy
+                        src.seek(done)
+                        out.seek(0, os.SEEK_END)
+                        out.write(src.read())
+                        break
+                    done += n
+            out.seek(0, os.SEEK_END)
+        elif chunk:
+            out.write(chunk)
+
+
+def _atomic_write(path: Path, chunks: list) -> None:
     """Never leave a half-written file at ``path``: temporary file, fsync, rename.
 
     A device such as /dev/null is written in place: a rename would replace the node.
     """
     if path.exists() and not path.is_file() and not path.is_dir():
         with open(path, "wb") as out:
-            for chunk in chunks:
-                out.write(chunk)
+            _write_chunks(out, chunks)
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as out:
-            for chunk in chunks:
-                out.write(chunk)
+            _write_chunks(out, chunks)
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, path)
@@ -299,10 +321,7 @@ def prepare_initrd(kernel: KernelRef, output: Path, *, plan: Path | None = None,
         raise UserError("no trust settings: give trusted keys, or allow unsigned plans for development")
     segment, seg_files = (plan_segment(plan, trust) if plan is not None else (b"", 0))
     base = build_base(kernel, extra_modules=list(extra_modules), method=method, level=level, trust=trust)
-    chunks = [base.path.read_bytes()]
-    if segment:
-        chunks.append(segment)
-    _atomic_write(output, chunks)
+    _atomic_write(output, [base.path, segment])
     return InitrdResult(output=output, size=output.stat().st_size, base=base,
                         plan_segment=len(segment), plan_files=seg_files,
                         seconds=round(time.monotonic() - started, 3))
