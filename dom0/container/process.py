@@ -177,9 +177,30 @@ def archive_tree(tree: Path, uri: str, out: Path) -> int:
         raise UserError(f"cannot archive {tree} for {uri}: {exc}") from None
     writer.close()
     method = _suffix_compression(uri)
-    data = compress(buf.getvalue(), method, ARCHIVE_LEVELS.get(method))
+    raw = buf.getvalue()
+    if method == "gzip" and len(raw) > PARALLEL_GZIP_MIN:
+        data = _parallel_gzip(raw, ARCHIVE_LEVELS["gzip"])
+    else:
+        data = compress(raw, method, ARCHIVE_LEVELS.get(method))
     out.write_bytes(data)
     return len(data)
+
+
+PARALLEL_GZIP_MIN = 1 << 20
+
+
+def _parallel_gzip(data: bytes, level: int, parts: int | None = None) -> bytes:
+    """gzip in pieces on every core, as pigz does: concatenated gzip members are one
+    valid .gz stream (RFC 1952), read whole by gunzip, cpio tools and our reader.
+    zlib releases the GIL, so threads are enough."""
+    import gzip
+    from concurrent.futures import ThreadPoolExecutor
+
+    parts = parts or max(1, min(os.cpu_count() or 1, 8))
+    size = -(-len(data) // parts)
+    chunks = [data[i:i + size] for i in range(0, len(data), size)]
+    with ThreadPoolExecutor(len(chunks)) as pool:
+        return b"".join(pool.map(lambda c: gzip.compress(c, compresslevel=level, mtime=0), chunks))
 
 
 @dataclass
@@ -603,6 +624,8 @@ class ContainerRun:
             from contextlib import nullcontext
 
             ctx = nullcontext(self.tree(target))
+        # A working copy of an archive is scratch: flushing it to disk buys nothing.
+        durable = local is not None and self.is_image(local)
         moved = size
         with ctx as root:
             root = Path(root)
@@ -615,7 +638,7 @@ class ContainerRun:
                     touched = {p for fp in parse_patch(patch, strip=strip, source=expr.patch)
                                for p in (fp.old_path, fp.new_path, *fp.alternatives) if p}
                     before = _patch_view(root, touched)
-                result = apply_patch(patch, root, strip=strip, source=expr.patch)
+                result = apply_patch(patch, root, strip=strip, source=expr.patch, durable=durable)
             except PatchParseError as exc:
                 raise self.fail(expr, str(exc), "patch") from None
             if result.status == "failed":

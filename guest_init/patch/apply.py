@@ -37,12 +37,13 @@ from .tree import CommitError, Node, Tree
 
 
 def apply_patch(patch: bytes, root: Path, *, strip: int = 1, dry_run: bool = False, fuzz: int = 2,
-                source: str = "<patch>") -> PatchResult:
+                source: str = "<patch>", durable: bool = True) -> PatchResult:
     """Apply the unified diff ``patch`` to the tree at ``root``, completely or not at all.
 
     ``strip`` is ``patch -pN``; ``fuzz`` the most context lines ignored at each
     end of a hunk (GNU patch's ``--fuzz``, default 2); ``dry_run`` computes and
-    reports without writing; ``source`` names the patch in messages.
+    reports without writing; ``source`` names the patch in messages;
+    ``durable=False`` skips flushing to disk (scratch trees only).
 
     Returns a :class:`PatchResult` whose ``status`` is ``applied``,
     ``already-applied`` or ``failed`` (nothing changed).  Raises
@@ -62,13 +63,14 @@ def apply_patch(patch: bytes, root: Path, *, strip: int = 1, dry_run: bool = Fal
     collecting = gc.isenabled()
     gc.disable()
     try:
-        return _apply(patch, root, strip, dry_run, fuzz, source)
+        return _apply(patch, root, strip, dry_run, fuzz, source, durable)
     finally:
         if collecting:
             gc.enable()
 
 
-def _apply(patch: bytes, root: Path, strip: int, dry_run: bool, fuzz: int, source: str) -> PatchResult:
+def _apply(patch: bytes, root: Path, strip: int, dry_run: bool, fuzz: int, source: str,
+           durable: bool = True) -> PatchResult:
     files = parse_patch(patch, strip=strip, source=source)
 
     def result(status: str, results: list[FileResult], message: str | None = None) -> PatchResult:
@@ -122,7 +124,7 @@ def _apply(patch: bytes, root: Path, strip: int, dry_run: bool, fuzz: int, sourc
                       + "; nothing was changed")
     if not dry_run:
         try:
-            tree.commit()
+            tree.commit(durable)
         except CommitError as exc:
             for f in forward:
                 if exc.path in (f.path, f.new_path, f.old_path):

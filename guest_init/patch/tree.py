@@ -279,8 +279,12 @@ class Tree:
 
     # -- commit
 
-    def commit(self) -> None:
-        """Write every change all at once, or none (raises :class:`CommitError`)."""
+    def commit(self, durable: bool = True) -> None:
+        """Write every change all at once, or none (raises :class:`CommitError`).
+
+        ``durable=False`` skips the flushes, for scratch trees whose loss on a
+        power cut does not matter (dom0's per-domain working copies).
+        """
         changes = self.changes()
         if not changes:
             return
@@ -292,7 +296,7 @@ class Tree:
         current_key = ""
         # Durability: one syncfs per file system after staging and after the renames
         # where libc has it, else fsync on every file and directory.
-        each = _get_syncfs() is None
+        each = durable and _get_syncfs() is None
         try:
             # 1. Stage every new file and back up every file about to go (above any
             #    directory that will be removed, so the backup does not keep it busy).
@@ -308,7 +312,7 @@ class Tree:
                     backups[key] = self._backup(target, aside_dirs[key])
                 if after is not None:
                     staged.append((self._stage(target, before, after, each), target, key))
-            if not each and staged:
+            if durable and not each and staged:
                 _sync_filesystems([tmp.parent for tmp, _, _ in staged])
             # 2. Deletions, and directories that files replace (emptied by the deletions).
             for key, before, after in changes:
@@ -340,7 +344,7 @@ class Tree:
                 done.append(("replace", target, 0))
                 dirs.add(target.parent)
             existing = [d for d in dirs if d.is_dir()]
-            if each or not _sync_filesystems(existing):
+            if durable and (each or not _sync_filesystems(existing)):
                 for d in existing:
                     _fsync_dir(d)
         except OSError as exc:
