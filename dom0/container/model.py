@@ -39,6 +39,8 @@ class Expr:
     pos: Position
     span: Span
     at_boot: bool = False
+    #: ``devices allow``: device nodes in the archive this expression reads are accepted.
+    allow_devices: bool = False
     positions: Mapping[str, Position] = field(default_factory=dict, compare=False, repr=False)
 
     def where(self, name: str) -> Position:

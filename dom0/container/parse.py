@@ -242,6 +242,13 @@ def convert_at(word: Word) -> bool:
     return True
 
 
+def convert_devices(word: Word) -> bool:
+    if word.text != "allow":
+        raise syntax_error(word.pos, "'devices allow' (device nodes in an archive are refused "
+                           "unless allowed)", f"'devices {word.text}'")
+    return True
+
+
 def choice(values: tuple[str, ...], what: str) -> Converter:
     def convert(word: Word) -> str:
         if word.text not in values:
@@ -327,7 +334,7 @@ class Parsed:
         if self.body_pos is not None and self.spec.body != "none":
             positions.setdefault(self.spec.body, self.body_pos)
         return {"pos": self.pos, "span": self.span, "at_boot": bool(self.values.get("at_boot")),
-                "positions": positions}
+                "allow_devices": bool(self.values.get("allow_devices")), "positions": positions}
 
     def fields(self, *names: str) -> dict[str, Any]:
         return {name: self.values[name] for name in names if name in self.values}
@@ -368,6 +375,7 @@ OPT_MODE = OptionSpec("mode", "mode", "MODE", convert_mode)
 OPT_OWNER = OptionSpec("owner", "owner", "USER:GROUP", convert_owner)
 OPT_AT = OptionSpec("at", "at_boot", "boot", convert_at)
 OPT_CONTENT = OptionSpec("content-base64", "content", "BASE64", convert_base64)
+OPT_DEVICES = OptionSpec("devices", "allow_devices", "allow", convert_devices)
 
 
 # -- builders -----------------------------------------------------------------
@@ -473,7 +481,7 @@ def build_mount(p: Parsed) -> Mount:
     return Mount(**common, **p.fields("label", "target", "access", "fstype"))
 
 
-_FILE_OPTIONS = (OPT_ARCHIVE, OPT_IMAGE, OPT_PATCH_OUT, OPT_FORK, OPT_MODE, OPT_OWNER, OPT_AT)
+_FILE_OPTIONS = (OPT_ARCHIVE, OPT_IMAGE, OPT_PATCH_OUT, OPT_FORK, OPT_MODE, OPT_OWNER, OPT_AT, OPT_DEVICES)
 
 EXPRESSIONS: dict[str, ExprSpec] = {
     "replace": ExprSpec(
@@ -499,12 +507,12 @@ EXPRESSIONS: dict[str, ExprSpec] = {
                      ArgSpec("IMAGE", "image", convert_host_path),
                      ArgSpec("MOUNTPOINT", "mountpoint", convert_host_path),
                      ArgSpec("URI", "uri", convert_uri)),
-        {}, body="none", boot="never", build=build_populate),
+        _options(OPT_DEVICES), body="none", boot="never", build=build_populate),
     "patch": ExprSpec(
         "patch", (ArgSpec("TARGET", "target", keep_word), ArgSpec("PATCH_URI", "patch", convert_uri),
                   ArgSpec("FORK_URI", "fork", convert_uri, optional=True)),
         _options(OPT_FORK, OPT_PATCH_OUT,
-                 OptionSpec("strip", "strip", "N", whole_number(0, 32, "strip")), OPT_AT),
+                 OptionSpec("strip", "strip", "N", whole_number(0, 32, "strip")), OPT_AT, OPT_DEVICES),
         body="none", boot="optional", build=build_patch),
     "hook": ExprSpec(
         "hook", (ArgSpec("NAME", "name", convert_hook_name),),

@@ -321,26 +321,32 @@ class Workspace:
         (as dom0.store's own cache does), instead of the copy fetched before."""
         self._fetched.pop(uri, None)
         self._expanded.pop(uri, None)
+        self._expanded.pop(uri + "\0devices", None)
 
-    def expanded(self, uri: str) -> Path:
-        """The archive at ``uri``, expanded once; never changed (containers clone it)."""
-        hit = self._expanded.get(uri)
+    def expanded(self, uri: str, allow_devices: bool = False) -> Path:
+        """The archive at ``uri``, expanded once; never changed (containers clone it).
+
+        Device nodes are refused unless the expression says ``devices allow``; an
+        expansion that allowed them is kept apart from one that did not.
+        """
+        hit = self._expanded.get(uri) if not allow_devices else self._expanded.get(uri + "\0devices")
         if hit is not None:
             return hit
         from guest_init.archive import ArchiveError, extract_archive
 
         path, digest, _ = self.fetch(uri)
-        dest = self.expand_dir / digest[:32]
+        dest = self.expand_dir / (digest[:32] + ("-devices" if allow_devices else ""))
         if not dest.is_dir():
             tmp = Path(tempfile.mkdtemp(prefix=".expand-", dir=self.expand_dir))
             try:
-                extract_archive(path, tmp / "tree", preserve_owner=os.geteuid() == 0)
+                extract_archive(path, tmp / "tree", preserve_owner=os.geteuid() == 0,
+                                allow_devices=allow_devices)
             except ArchiveError as exc:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise UserError(f"{uri}: {exc}") from None
             os.replace(tmp / "tree", dest)
             tmp.rmdir()
-        self._expanded[uri] = dest
+        self._expanded[uri + ("\0devices" if allow_devices else "")] = dest
         return dest
 
 
@@ -354,6 +360,8 @@ class ContainerRun:
         stem = Path(container.path).name if container.path else "container"
         self.work = Path(tempfile.mkdtemp(prefix=f"{stem}-", dir=workspace.work_dir))
         self.trees: dict[str, Path] = {}
+        self.allow_devices = False   # the current expression's 'devices allow'
+
         self.bases: dict[str, Path] = {}   # the expanded archive each working copy was made from
         self.fresh_images: set[Path] = set()
         self.disks: list[str] = []
@@ -385,7 +393,7 @@ class ContainerRun:
         uri = self.uri(uri)
         hit = self.trees.get(uri)
         if hit is None:
-            base = self.ws.expanded(uri)
+            base = self.ws.expanded(uri, self.allow_devices)
             hit = self.work / hashlib.sha256(uri.encode()).hexdigest()[:16]
             self.ws.working_copy(base, hit)
             self.trees[uri] = hit
@@ -495,6 +503,7 @@ class ContainerRun:
         try:
             for expr in self.c.expressions:
                 started = time.monotonic()
+                self.allow_devices = expr.allow_devices
                 summary, action, moved = handlers[expr.kind](expr)
                 self.log.append(LogEntry(self.where(expr), expr.kind, summary, action,
                                          time.monotonic() - started, moved))
@@ -541,7 +550,7 @@ class ContainerRun:
         if not image.is_file():
             raise self.fail(expr, f"image {image} not found", "image")
         uri = self.uri(expr.uri)
-        tree = self.trees.get(uri) or self.ws.expanded(uri)
+        tree = self.trees.get(uri) or self.ws.expanded(uri, self.allow_devices)
         how = populate_image(image, tree, fresh=image in self.fresh_images)
         self.fresh_images.discard(image)
         size = sum(p.stat().st_size for p in tree.rglob("*") if p.is_file() and not p.is_symlink())

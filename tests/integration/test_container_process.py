@@ -1247,6 +1247,21 @@ def test_hostile_archive_is_refused_naming_the_member(capsys, tmp_path, kind):
     assert not [p for p in expanded.iterdir()]               # no partial expansion left behind
 
 
+def test_devices_allow_accepts_device_nodes(capsys, tmp_path):
+    """The same archive refused above is taken with 'devices allow', its node kept in the fork."""
+    archive = tmp_path / "srv" / "dev.cpio.gz"
+    archive.parent.mkdir()
+    archive.write_bytes(gzip.compress(newc([("etc", DIR, b""), ("etc/kmem", CHR, b"")],
+                                           devices={"etc/kmem": (1, 2)})))
+    fork = tmp_path / "fork.cpio"
+    run = process(capsys, tmp_path, f"[replace /etc/motd archive {uri(archive)} fork {uri(fork)} "
+                                    f"devices allow\n\nx\n] [end]\n")
+    assert run.code == 0, run.err
+    members = {m.name: m for m in list_archive(fork)}
+    kmem = members["etc/kmem"]
+    assert (kmem.kind, kmem.devmajor, kmem.devminor) == ("chardev", 1, 2)
+
+
 # == malformed container files through the CLI =========================================
 
 MALFORMED = {

@@ -460,7 +460,7 @@ ERRORS = [
      ("t.ct:1:11: expected the word 'image' (as in [populate image IMAGE MOUNTPOINT URI]), "
      "found '/var/images/x'")),
     ("[copy /etc/x http://h/x archive http://h/a http://h/b] [end]",
-     ("t.ct:1:44: expected an option of copy (archive, image, patch-out, fork, mode, owner, at) "
+     ("t.ct:1:44: expected an option of copy (archive, image, patch-out, fork, mode, owner, at, devices) "
      "or ']', found 'http://h/b' (arguments come before options)")),
     # bad URI
     ("[create /etc/ foo.org/x] [end]",
@@ -544,16 +544,16 @@ ERRORS = [
      "t.ct:1:26: expected a space or ']' after a quoted word, found 'y'"),
     # unknown option
     ("[copy /etc/x http://h/x archive http://h/a\ncolour red] [end]",
-     ("t.ct:2:1: expected an option of copy (archive, image, patch-out, fork, mode, owner, at) "
+     ("t.ct:2:1: expected an option of copy (archive, image, patch-out, fork, mode, owner, at, devices) "
      "or ']', found 'colour'")),
     ("[copy /etc/x http://h/x archive http://h/a fstype ext3] [end]",
-     ("t.ct:1:44: expected an option of copy (archive, image, patch-out, fork, mode, owner, at) "
+     ("t.ct:1:44: expected an option of copy (archive, image, patch-out, fork, mode, owner, at, devices) "
      "or ']', found 'fstype' (an option of image, mount)")),
     ("[image /a 50MB lbl ext3] [end]",
      ("t.ct:1:20: expected an option of image (fstype, export, access) or ']', found 'ext3' "
      "(write 'fstype ext3')")),
     ("[replace /etc/x archive http://h/a mdoe 0644\n\nx\n] [end]",
-     ("t.ct:1:36: expected an option of replace (archive, image, patch-out, fork, mode, owner, at, "
+     ("t.ct:1:36: expected an option of replace (archive, image, patch-out, fork, mode, owner, at, devices, "
      "content-base64) or ']', found 'mdoe' (did you mean 'mode'?)")),
     ("[hook x\n#!/bin/sh\necho hi\n] [end]",
      ("t.ct:3:1: expected an option of hook (timeout, interpreter, at) or ']', found 'echo' "
