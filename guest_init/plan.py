@@ -94,6 +94,16 @@ class DeviceRef:
 
 
 @dataclass(frozen=True)
+class Overlay:
+    """A copy-on-write mount: read-only shared ``lower`` layers, a per-domain writable
+    ``upper`` (a file system by label or UUID, or None for a tmpfs that lasts one boot)."""
+
+    lower: tuple[DeviceRef, ...]
+    upper: DeviceRef | None = None
+    fstype: str = DEFAULT_FSTYPE
+
+
+@dataclass(frozen=True)
 class Mount:
     """One file system to mount under the new root (``target`` is a guest path)."""
 
@@ -101,6 +111,13 @@ class Mount:
     target: str
     fstype: str = DEFAULT_FSTYPE
     options: tuple[str, ...] = DEFAULT_OPTIONS
+    overlay: Overlay | None = None
+
+    def devices(self) -> list[DeviceRef]:
+        """Every block device this mount needs."""
+        if self.overlay is None:
+            return [self.device]
+        return [*self.overlay.lower, *([self.overlay.upper] if self.overlay.upper else [])]
 
 
 @dataclass(frozen=True)
@@ -441,22 +458,41 @@ def _parse_device(value: object, where: str) -> DeviceRef:
 
 def _parse_mount(value: object, where: str) -> Mount:
     obj = expect_object(value, where)
-    expect_keys(obj, where, ("device", "target"), ("fstype", "options"))
-    device = _parse_device(obj["device"], _join(where, "device"))
+    overlay = None
+    if "overlay" in obj:
+        expect_keys(obj, where, ("overlay", "target"), ("options",))
+        overlay = _parse_overlay(obj["overlay"], _join(where, "overlay"))
+        device = overlay.lower[0]
+    else:
+        expect_keys(obj, where, ("device", "target"), ("fstype", "options"))
+        device = _parse_device(obj["device"], _join(where, "device"))
     raw_target = obj["target"]
     target = expect_guest_path(raw_target, _join(where, "target"))
     if target != raw_target:
         raise PlanError(
             _join(where, "target"), f"expected a normalised path ({_found(target)}), found {_found(raw_target)}"
         )
-    fstype = expect_str(obj.get("fstype", DEFAULT_FSTYPE), _join(where, "fstype"))
+    fstype = "overlay" if overlay else expect_str(obj.get("fstype", DEFAULT_FSTYPE), _join(where, "fstype"))
     options: tuple[str, ...] = DEFAULT_OPTIONS
     if "options" in obj:
         raw = obj["options"]
         if not isinstance(raw, list):
             raise PlanError(_join(where, "options"), f"expected a list of strings, found {_found(raw)}")
         options = tuple(expect_str(o, f"{where}.options[{i}]") for i, o in enumerate(raw))
-    return Mount(device=device, target=target, fstype=fstype, options=options)
+    return Mount(device=device, target=target, fstype=fstype, options=options, overlay=overlay)
+
+
+def _parse_overlay(value: object, where: str) -> Overlay:
+    """``{"lower": [DEVICE, ...], "upper": DEVICE | "tmpfs", "fstype"?}``."""
+    obj = expect_object(value, where)
+    expect_keys(obj, where, ("lower", "upper"), ("fstype",))
+    raw_lower = obj["lower"]
+    if not isinstance(raw_lower, list) or not raw_lower:
+        raise PlanError(_join(where, "lower"), f"expected a non-empty list of devices, found {_found(raw_lower)}")
+    lower = tuple(_parse_device(d, f"{where}.lower[{i}]") for i, d in enumerate(raw_lower))
+    upper = None if obj["upper"] == "tmpfs" else _parse_device(obj["upper"], _join(where, "upper"))
+    fstype = expect_str(obj.get("fstype", DEFAULT_FSTYPE), _join(where, "fstype"))
+    return Overlay(lower=lower, upper=upper, fstype=fstype)
 
 
 def _parse_timeout(value: object, where: str) -> float:

@@ -26,6 +26,7 @@ MODULES_LOAD = Path("/etc/supercharge/modules.json")
 FSTYPE_MODULES = {"ext2": "ext4", "ext3": "ext4", "nfs4": "nfsv4"}
 SYSROOT = Path("/sysroot")
 RUN_DIR = Path("/run/supercharge")
+LAYERS = Path("/run/supercharge-layers")
 ARTIFACTS = RUN_DIR / "artifacts"
 SCRATCH = RUN_DIR / "scratch"
 CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
@@ -154,7 +155,10 @@ def _load_one(path: Path) -> None:
 
 def _wanted_filesystems(ctx: BootContext) -> set[str]:
     plan = ctx.plan
-    return {FSTYPE_MODULES.get(m.fstype, m.fstype) for m in plan.mounts} if plan else set()
+    if not plan:
+        return set()
+    types = {m.fstype for m in plan.mounts} | {m.overlay.fstype for m in plan.mounts if m.overlay}
+    return {FSTYPE_MODULES.get(t, t) for t in types}
 
 
 def modules(ctx: BootContext) -> dict:
@@ -204,7 +208,7 @@ def devices(ctx: BootContext) -> dict:
     from .devices import AmbiguousDevice, DeviceTimeout, wait_for_devices
 
     plan = ctx.plan
-    refs = [m.device for m in plan.mounts]
+    refs = [ref for m in plan.mounts for ref in m.devices()]
     try:
         found = wait_for_devices(refs, plan.device_timeout)
     except DeviceTimeout as exc:
@@ -238,8 +242,13 @@ def mount(ctx: BootContext) -> dict:
     SYSROOT.mkdir(exist_ok=True)
     done = []
     for m in plan.mount_order():
-        device = ctx.devices[m.device.describe()]
         where = SYSROOT if m.target == "/" else SYSROOT / m.target.lstrip("/")
+        if m.overlay is not None:
+            done.append(_mount_overlay(ctx, m, where, len(done)))
+            ctx.mounted.append(str(where))
+            ctx.root_mounted = ctx.root_mounted or m.target == "/"
+            continue
+        device = ctx.devices[m.device.describe()]
         if not where.is_dir():
             raise StageFailed(f"mount point {m.target} does not exist in the root file system",
                               {"target": m.target})
@@ -348,6 +357,51 @@ def _already_applied(ctx: BootContext) -> bool:
             record = {}
         ctx.converged = record.get("plan_digest") == ctx.plan.digest
     return ctx.converged
+
+
+def _mount_overlay(ctx: BootContext, m, where: Path, index: int) -> dict:
+    """Read-only shared layers below, the domain's writable layer above (overlayfs).
+
+    The layers are mounted under /run/supercharge-layers, which moves into the
+    real system with /run (the upper layer must stay mounted while in use).
+    """
+    base = LAYERS / str(index)
+    lowers = []
+    for i, ref in enumerate(m.overlay.lower):
+        point = base / f"lower{i}"
+        point.mkdir(parents=True, exist_ok=True)
+        device = ctx.devices[ref.describe()]
+        try:
+            sysc.mount(device, str(point), m.overlay.fstype, sysc.MS_RDONLY)
+        except OSError as exc:
+            raise StageFailed(f"cannot mount lower layer {ref.describe()} ({device}): {exc.strerror}",
+                              {"device": device, "target": m.target}) from None
+        lowers.append(str(point))
+    upper_point = base / "upper"
+    upper_point.mkdir(parents=True, exist_ok=True)
+    try:
+        if m.overlay.upper is None:
+            sysc.mount("tmpfs", str(upper_point), "tmpfs", 0, "mode=0755")
+            upper = "tmpfs"
+        else:
+            upper = ctx.devices[m.overlay.upper.describe()]
+            sysc.mount(upper, str(upper_point), m.overlay.fstype, 0)
+    except OSError as exc:
+        raise StageFailed(f"cannot mount the upper layer for {m.target}: {exc.strerror}",
+                          {"target": m.target}) from None
+    for sub in ("upper", "work"):
+        (upper_point / sub).mkdir(exist_ok=True)
+    if not where.is_dir():
+        where.mkdir(parents=True)
+    data = f"lowerdir={':'.join(lowers)},upperdir={upper_point}/upper,workdir={upper_point}/work"
+    flags, extra = _mount_flags(list(m.options))
+    try:
+        sysc.mount("overlay", str(where), "overlay", flags, data + (f",{extra}" if extra else ""))
+    except OSError as exc:
+        raise StageFailed(f"cannot mount the overlay on {m.target}: {exc.strerror}",
+                          {"target": m.target, "options": data}) from None
+    return {"target": m.target, "fstype": "overlay", "lower": [r.describe() for r in m.overlay.lower],
+            "upper": m.overlay.upper.describe() if m.overlay.upper else "tmpfs"}
 
 
 def apply(ctx: BootContext) -> dict:
