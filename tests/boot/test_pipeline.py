@@ -193,3 +193,58 @@ def test_patch_that_does_not_fit_changes_nothing_and_is_diagnosed(tmp_path, kern
     assert "10.0.0.1 router" in text      # what the hunk expected
     assert "10.0.0.1 gateway" in text     # what the file holds
     assert "what to do:" in text
+
+
+def _diagnose(tmp: Path, name: str) -> str:
+    proc = subprocess.run([sys.executable, "-m", "dom0", "diagnose", str(tmp / "state" / name / "report.json")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def _hostname_on_disk(disk: Path) -> str:
+    return subprocess.run(["debugfs", "-R", "cat /etc/hostname", str(disk)], capture_output=True, text=True).stdout
+
+
+@pytest.mark.parametrize("fault", ["server-down", "hash-mismatch"])
+def test_fetch_failures_change_nothing_and_are_diagnosed(tmp_path, kernel, served, signing_keys, fault):
+    served_dir, port = served
+    disk = _root_image(tmp_path)
+    plan = _plan(served_dir, port, "hosts.patch")
+    plan["fetch_timeout"] = 6
+    if fault == "server-down":
+        plan["steps"][1]["uri"] = "http://10.0.2.2:9/motd"      # nothing listens on the discard port
+    else:
+        plan["steps"][1]["sha256"] = "0" * 64
+    name = f"web-{fault}"
+    cfg = _domain(tmp_path, kernel, signing_keys, plan, name, disk)
+
+    code, report, console = _boot(tmp_path, cfg, name)
+
+    assert code == 1 and "Kernel panic" not in console and "pipe-init" not in console
+    fetch = _record(report, "fetch")
+    assert fetch["status"] == "failed" and fetch["details"]["step"] == 1
+    assert report["outcome"]["outcome"] == "halted"
+    assert _hostname_on_disk(disk) == "unconfigured\n"
+    text = _diagnose(tmp_path, name)
+    assert "failed stage: fetch" in text and "motd" in text
+    assert ("0000000000" in text or "SHA-256" in text or "sha256" in text) if fault == "hash-mismatch" \
+        else "attempts:" in text
+
+
+def test_hook_past_its_timeout_is_stopped_and_reported(tmp_path, kernel, served, signing_keys):
+    served_dir, port = served
+    disk = _root_image(tmp_path)
+    plan = _plan(served_dir, port, "hosts.patch")
+    plan["steps"][4] = {"op": "hook", "name": "stuck", "script": "echo starting\nsleep 600\n", "timeout": 3}
+    cfg = _domain(tmp_path, kernel, signing_keys, plan, "web-hang", disk)
+
+    code, report, console = _boot(tmp_path, cfg, "web-hang")
+
+    assert code == 1 and "Kernel panic" not in console and "pipe-init" not in console
+    hooks = _record(report, "hooks")
+    assert hooks["status"] == "failed"
+    (stuck,) = hooks["details"]["hooks"]
+    assert stuck["timed_out"] is True and "starting" in stuck["output"]
+    text = _diagnose(tmp_path, "web-hang")
+    assert "failed stage: hooks" in text and "stuck" in text
