@@ -53,6 +53,10 @@ def cmd_prepare_initrd(args: argparse.Namespace) -> int:
     from .kernel import resolve_kernel
 
     trust = load_trust(args.trust or [], args.allow_unsigned_plans)
+    if args.rescue_shell:
+        import dataclasses
+
+        trust = dataclasses.replace(trust, rescue_shell=True)
     kernel = resolve_kernel(args.kernel, args.modules_dir)
     result = prepare_initrd(kernel, Path(args.output), plan=Path(args.plan) if args.plan else None,
                             extra_modules=_split_modules(args.modules), method=args.compression,
@@ -132,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--allow-unsigned-plans", action="store_true",
                       help="development only: the agent also accepts unsigned plans, and every "
                            "boot report says so")
+    prep.add_argument("--rescue-shell", action="store_true",
+                      help="add busybox as /bin/sh, for plans whose failure_policy is rescue")
     prep.add_argument("--compression", default="zstd", choices=("zstd", "gzip", "xz", "none"))
     prep.add_argument("--level", type=int, help="compression level (default: the method's best)")
     prep.add_argument("--json", action="store_true", help="machine-readable output")

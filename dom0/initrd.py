@@ -106,9 +106,11 @@ class TrustSettings:
 
     keys: tuple[tuple[str, str], ...] = ()   # (key id, public key text)
     allow_unsigned: bool = False
+    rescue_shell: bool = False               # busybox as /bin/sh, for failure_policy "rescue"
 
     def fingerprint(self) -> str:
-        return json.dumps({"keys": list(self.keys), "allow_unsigned": self.allow_unsigned}, sort_keys=True)
+        return json.dumps({"keys": list(self.keys), "allow_unsigned": self.allow_unsigned,
+                           "rescue_shell": self.rescue_shell}, sort_keys=True)
 
 
 def load_trust(paths: list[str] | tuple[str, ...], allow_unsigned: bool) -> TrustSettings:
@@ -179,6 +181,12 @@ def _write_base(writer: CpioWriter, agent: FrozenAgent, kernel: KernelRef,
     writer.add_file(MODULES_LOAD, json.dumps(doc, indent=1).encode(), 0o644)
     if ca is not None:
         writer.add_file(CA_BUNDLE, ca.read_bytes(), 0o644)
+    if trust.rescue_shell:
+        busybox = Path("/bin/busybox")
+        if not busybox.is_file():
+            raise UserError("--rescue-shell needs /bin/busybox: install Debian's busybox-static package")
+        writer.add_file("usr/bin/busybox", busybox, 0o755)
+        writer.add_symlink("usr/bin/sh", "busybox")
     writer.add_dir(TRUSTED_KEYS_DIR)
     for key_id, text in trust.keys:
         writer.add_file(f"{TRUSTED_KEYS_DIR}/{key_id}.pub", text.encode(), 0o644)

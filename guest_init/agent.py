@@ -15,7 +15,8 @@ import time
 from . import stages
 from .report import Reporter
 
-POLICIES = ("halt", "continue", "poweroff")
+POLICIES = ("halt", "continue", "poweroff", "rescue")
+RESCUE_SHELL = "/bin/sh"   # in the initramfs, from prepare-initrd --rescue-shell
 
 STAGE_ORDER = (
     ("early", stages.early),
@@ -101,6 +102,45 @@ def _halt_forever() -> None:
             pass
 
 
+def _rescue_shell(failed_stage: str) -> None:
+    """A shell on the console for the admin; PID 1 stays the agent and starts it again on exit.
+
+    The system was not switched into: the target is mounted under /sysroot, the
+    report is on the console above, and nothing of the personality was committed
+    unless the report says so.
+    """
+    import fcntl
+    import termios
+
+    banner = (f"\r\nsupercharge: the {failed_stage} stage failed; rescue shell on the console "
+              "(the target is under /sysroot; exit to get a new shell)\r\n")
+    while True:
+        try:
+            fd = os.open("/dev/console", os.O_RDWR)
+            os.write(fd, banner.encode())
+            os.close(fd)
+        except OSError:
+            pass
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.setsid()
+                fd = os.open("/dev/console", os.O_RDWR)
+                fcntl.ioctl(fd, termios.TIOCSCTTY, 1)
+                for target in (0, 1, 2):
+                    os.dup2(fd, target)
+                os.execve(RESCUE_SHELL, [RESCUE_SHELL, "-i"],
+                          {"PATH": "/usr/bin:/bin:/usr/sbin:/sbin", "HOME": "/", "TERM": "linux",
+                           "PS1": "(supercharge rescue) # "})
+            finally:
+                os._exit(127)
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
+        time.sleep(1)
+
+
 def _follow_policy(reporter: Reporter, ctx: stages.BootContext, failed_stage: str) -> None:
     policy = ctx.policy if ctx.policy in POLICIES else "halt"
     changed = ctx.committed or ctx.hooks_started
@@ -115,7 +155,16 @@ def _follow_policy(reporter: Reporter, ctx: stages.BootContext, failed_stage: st
         reporter.stage("policy", "failed", 0.0, {"policy": policy, "action": "halt",
                                                  "reason": f"cannot continue unmodified: {reason}"})
         policy = "halt"
-    if policy == "poweroff":
+    if policy == "rescue" and not os.path.exists(RESCUE_SHELL):
+        reporter.stage("policy", "failed", 0.0, {"policy": policy, "action": "halt",
+                                                 "reason": "this initrd has no rescue shell "
+                                                           "(build it with --rescue-shell)"})
+        policy = "halt"
+    if policy == "rescue":
+        reporter.outcome("rescue", policy, {"failed_stage": failed_stage, "shell": RESCUE_SHELL,
+                                            "unsigned_plans_allowed": ctx.unsigned_allowed})
+        _rescue_shell(failed_stage)
+    elif policy == "poweroff":
         reporter.outcome("poweroff", policy, {"failed_stage": failed_stage,
                                               "unsigned_plans_allowed": ctx.unsigned_allowed})
         from . import sysc

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 PLAN_VERSION = 1
-FAILURE_POLICIES = ("halt", "continue", "poweroff")
+FAILURE_POLICIES = ("halt", "continue", "poweroff", "rescue")
 DEFAULT_FAILURE_POLICY = "halt"
 DEFAULT_DEVICE_TIMEOUT = 30.0
 DEFAULT_FETCH_TIMEOUT = 120.0
