@@ -47,6 +47,7 @@ class BootContext:
     """What the stages hand on to each other."""
 
     argv: list[str]
+    agent_started: float | None = None   # uptime when the agent's code began (after Python's start-up)
     plan: object | None = None           # guest_init.plan.Plan once read
     devices: dict[str, str] = field(default_factory=dict)
     mounted: list[str] = field(default_factory=list)
@@ -85,7 +86,7 @@ def early(ctx: BootContext) -> dict:
     ctx.plan = plan
     ctx.policy = plan.failure_policy
     return {"plan": plan.name, "plan_digest": plan.digest, "policy": plan.failure_policy,
-            "kernel_args": ctx.argv, "trust": trust}
+            "kernel_args": ctx.argv, "trust": trust, "agent_started": ctx.agent_started}
 
 
 def verify_plan_signature(ctx: BootContext) -> dict:
