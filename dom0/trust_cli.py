@@ -81,8 +81,13 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     from .keys import ask_passphrase, generate_keypair, passphrase_from_environment, write_atomically
 
     out = Path(args.output_dir)
-    if not out.is_dir():
-        raise UserError(f"{out}: output directory not found")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: not a directory")
+    if not out.exists():
+        try:
+            out.mkdir(mode=0o700, parents=True)   # a new key directory is private, as ~/.ssh is
+        except OSError as exc:
+            raise UserError(f"{out}: cannot create the key directory: {exc.strerror}") from None
     secret_path, public_path = out / SECRET_KEY_NAME, out / PUBLIC_KEY_NAME
     if not args.force:
         for path in (secret_path, public_path):
