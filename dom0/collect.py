@@ -7,8 +7,6 @@ reading the capture, writing the report atomically, and printing a summary.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 from guest_init.report import parse_console
@@ -43,25 +41,13 @@ def write_report(report: dict, out: Path) -> None:
     reader (or a second ``collect`` run) sees the old report or the new one,
     never half of one, even if dom0 crashes mid-write.
     """
+    from .atomic import write_atomically
+
     out = Path(out)
     text = json.dumps(report, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
-    directory = out.parent if str(out.parent) else Path(".")
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=directory)
+        write_atomically(out, [text.encode("utf-8")])
     except OSError as exc:
-        raise UserError(f"{out}: cannot write report: {exc.strerror or exc}") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-            os.fchmod(f.fileno(), 0o644)  # mkstemp makes 0600; a report is not secret
-        os.replace(tmp, out)
-    except OSError as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
         raise UserError(f"{out}: cannot write report: {exc.strerror or exc}") from None
 
 

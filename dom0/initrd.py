@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .atomic import write_atomically
 from .cache import cache_dir, digest_of
 from .compress import METHODS, compress_segment
 from .cpio import CpioWriter
@@ -224,7 +224,7 @@ def build_base(kernel: KernelRef, *, extra_modules: list[str] = (), method: str 
     raw = buf.getvalue()
     # Padded: the kernel finds an appended archive only at a 4-byte-aligned offset.
     packed = compress_segment(raw, method, level)
-    _atomic_write(path, [packed])
+    write_atomically(path, [packed])
     info = BaseInfo(path=path, key=key, cached=False, size=len(packed), uncompressed=len(raw),
                     files=writer.files, compression=method, kernel=kernel.version,
                     modules=module_names, libraries=libs, agent_cached=agent.cached,
@@ -232,7 +232,7 @@ def build_base(kernel: KernelRef, *, extra_modules: list[str] = (), method: str 
     doc = asdict(info)
     for transient in ("path", "cached", "agent_cached", "seconds"):
         doc.pop(transient)
-    _atomic_write(meta, [json.dumps(doc, indent=1).encode()])
+    write_atomically(meta, [json.dumps(doc, indent=1).encode()])
     return info
 
 
@@ -269,52 +269,6 @@ def plan_segment(plan_path: Path, trust: TrustSettings) -> tuple[bytes, int]:
     return buf.getvalue(), writer.files
 
 
-def _write_chunks(out, chunks: list) -> None:
-    """Bytes are written; a Path is copied in the kernel (copy_file_range), not through Python."""
-    for chunk in chunks:
-        if isinstance(chunk, Path):
-            out.flush()
-            with open(chunk, "rb") as src:
-                size = os.fstat(src.fileno()).st_size
-                done = 0
-                while done < size:
-                    try:
-                        n = os.copy_file_range(src.fileno(), out.fileno(), size - done)
-                    except OSError:
-                        n = 0
-                    if n == 0:   # not supported here: plain copy
-                        src.seek(done)
-                        out.seek(0, os.SEEK_END)
-                        out.write(src.read())
-                        break
-                    done += n
-            out.seek(0, os.SEEK_END)
-        elif chunk:
-            out.write(chunk)
-
-
-def _atomic_write(path: Path, chunks: list) -> None:
-    """Never leave a half-written file at ``path``: temporary file, fsync, rename.
-
-    A device such as /dev/null is written in place: a rename would replace the node.
-    """
-    if path.exists() and not path.is_file() and not path.is_dir():
-        with open(path, "wb") as out:
-            _write_chunks(out, chunks)
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as out:
-            _write_chunks(out, chunks)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def prepare_initrd(kernel: KernelRef, output: Path, *, plan: Path | None = None,
                    extra_modules: list[str] = (), method: str = "zstd",
                    level: int | None = None, trust: TrustSettings | None = None) -> InitrdResult:
@@ -329,7 +283,7 @@ def prepare_initrd(kernel: KernelRef, output: Path, *, plan: Path | None = None,
         raise UserError("no trust settings: give trusted keys, or allow unsigned plans for development")
     segment, seg_files = (plan_segment(plan, trust) if plan is not None else (b"", 0))
     base = build_base(kernel, extra_modules=list(extra_modules), method=method, level=level, trust=trust)
-    _atomic_write(output, [base.path, segment])
+    write_atomically(output, [base.path, segment])
     return InitrdResult(output=output, size=output.stat().st_size, base=base,
                         plan_segment=len(segment), plan_files=seg_files,
                         seconds=round(time.monotonic() - started, 3))

@@ -28,7 +28,6 @@ import hashlib
 import os
 import struct
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -431,20 +430,9 @@ def sign_file(path: Path | str, sk: SecretKey, trusted_comment: str | None = Non
 
 def write_atomically(path: Path, data: bytes, mode: int = 0o644) -> None:
     """Write beside ``path`` and rename over it, so a reader never sees half a key or signature."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent or Path("."), prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    from .atomic import write_atomically as write
+
+    write(Path(path), [data], mode)
 
 
 def write_signature(path: Path | str, text: str, sig_path: Path | str | None = None) -> Path:

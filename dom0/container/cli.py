@@ -3,30 +3,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
+from ..atomic import write_atomically
 from ..errors import EXIT_OK, UserError
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    """Temporary file and rename for a regular file; a device (``/dev/null``, a tty) is
-    written in place: renaming over it would replace the device node itself."""
-    if path.exists() and not path.is_file():
-        if path.is_dir():
-            raise UserError(f"{path}: is a directory; expected a file name")
-        with open(path, "w") as out:
-            out.write(text)
-        return
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory; expected a file name")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_atomically(path, [text.encode()])
 
 
 def run_containers(files: list[str], stripped: str, plan: str | None, log: str | None,
