@@ -39,6 +39,9 @@ def resolve_in_root(root: Path, path: str) -> Path:
     if ".." in pending:
         raise UnsafePath(f"{path}: '..' is not allowed")
     root = Path(root)
+    # Components are joined as strings (pathlib's joinpath per component was most
+    # of the cost of resolving the paths of a large patch).
+    base = os.fspath(root).rstrip("/") + "/"
     pending.reverse()  # a stack: the next component is pending[-1]
     resolved: list[str] = []
     links = 0
@@ -51,7 +54,7 @@ def resolve_in_root(root: Path, path: str) -> Path:
                 raise UnsafePath(f"{path}: a symlink leads outside the root")
             resolved.pop()
             continue
-        candidate = root.joinpath(*resolved, part)
+        candidate = base + "/".join(resolved) + "/" + part if resolved else base + part
         try:
             st = os.lstat(candidate)
         except (FileNotFoundError, NotADirectoryError):

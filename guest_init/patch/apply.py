@@ -404,26 +404,24 @@ def _apply_file(fp: FilePatch, tree: Tree, max_fuzz: int, source: str, *,
         if problem:
             return fail("binary-mismatch", problem)
     elif fp.hunks:
-        if before is not None and before.content is content:
-            if before.lines is None:
-                before.lines = split_lines(content)
-            lines = before.lines
-        else:
-            lines = split_lines(content)
-        output, res.hunks = place_hunks(lines, fp.hunks, max_fuzz, creating=creating,
+        cached = before.lines if before is not None and before.content is content else None
+        output, res.hunks = place_hunks(content, fp.hunks, max_fuzz, lines=cached, creating=creating,
                                         input_size=len(content), stop_on_failure=quick,
                                         exact_only=exact_only)
         bad = [h for h in res.hunks if h.status != "applied"]
         if bad and quick:
             return fail("hunk-failed", f"hunk #{bad[0].number} does not fit")
         if round_trip is not None:
-            back, undone = place_hunks(split_lines(output), round_trip, 0, stop_on_failure=True,
+            back, undone = place_hunks(output, round_trip, 0, stop_on_failure=True,
                                        exact_only=True, creating=fp.action == "delete")
             if back != content or any(h.status != "applied" for h in undone):
                 return fail("hunk-failed", "the hunks fit, but undoing them does not give the file back")
         if bad:
             from .diagnose import diagnose_hunk
 
+            lines = cached if cached is not None else split_lines(content)
+            if before is not None and before.content is content:
+                before.lines = lines  # the reverse check may need them again
             for h in bad:
                 diagnose_hunk(lines, fp.hunks[h.number - 1], h)
             numbers = ", ".join(f"#{h.number}" for h in bad)

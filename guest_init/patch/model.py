@@ -64,6 +64,9 @@ def quote_found(line: bytes) -> str:
 # --------------------------------------------------------------------------- the patch
 
 
+_SWAP_SIDES = bytes.maketrans(b"+-", b"-+")
+
+
 @dataclass(slots=True)
 class Hunk:
     """One ``@@ -a,b +c,d @@`` hunk, split into GNU patch's two sides.
@@ -86,10 +89,21 @@ class Hunk:
     line: int  # where the ``@@`` line is in the patch (1-based)
     old_lines: list[bytes]
     new_lines: list[bytes]
-    old_kinds: str
-    new_kinds: str
+    #: The body's line kinds in patch order (``b" "``, ``b"-"``, ``b"+"``): one
+    #: bytes object instead of two strings, since most hunks never need them.
+    kinds: bytes
     prefix_context: int
     suffix_context: int
+
+    @property
+    def old_kinds(self) -> str:
+        """The old side's kinds, one character per line of ``old_lines``."""
+        return self.kinds.translate(None, b"+").decode("ascii")
+
+    @property
+    def new_kinds(self) -> str:
+        """The new side's kinds, one character per line of ``new_lines``."""
+        return self.kinds.translate(None, b"-").decode("ascii")
 
     @property
     def first(self) -> int:
@@ -106,7 +120,7 @@ class Hunk:
             number=self.number, old_start=self.new_start, old_count=self.new_count,
             new_start=self.old_start, new_count=self.old_count, header=self.header,
             line=self.line, old_lines=self.new_lines, new_lines=self.old_lines,
-            old_kinds=self.new_kinds.replace("+", "-"), new_kinds=self.old_kinds.replace("-", "+"),
+            kinds=self.kinds.translate(_SWAP_SIDES),
             prefix_context=self.prefix_context, suffix_context=self.suffix_context)
 
 

@@ -432,10 +432,11 @@ class _Parser:
         m = _HUNK.match(head)
         if not m:
             raise self.error(i, "a hunk header '@@ -START,COUNT +START,COUNT @@'")
-        old_start = int(m.group(1))
-        old_count = int(m.group(2)) if m.group(2) is not None else 1
-        new_start = int(m.group(3))
-        new_count = int(m.group(4)) if m.group(4) is not None else 1
+        a, b, c, d = m.groups()
+        old_start = int(a)
+        old_count = int(b) if b is not None else 1
+        new_start = int(c)
+        new_count = int(d) if d is not None else 1
         header = m.group(0).decode("ascii")
         fast = self.hunk_fast(i, number, old_start, old_count, new_start, new_count, header)
         if fast is not None:
@@ -443,8 +444,7 @@ class _Parser:
         at = i
         old_lines: list[bytes] = []
         new_lines: list[bytes] = []
-        old_kinds: list[str] = []
-        new_kinds: list[str] = []
+        kinds = bytearray()
         old_left, new_left = old_count, new_count
         context = 0
         prefix = -1
@@ -462,8 +462,7 @@ class _Parser:
                     raise self.error(i, self.hunk_expectation(old_left, new_left, number))
                 old_lines.append(text)
                 new_lines.append(text)
-                old_kinds.append(" ")
-                new_kinds.append(" ")
+                kinds.append(_SP)
                 old_left -= 1
                 new_left -= 1
                 context += 1
@@ -472,7 +471,7 @@ class _Parser:
                 if old_left <= 0:
                     raise self.error(i, self.hunk_expectation(old_left, new_left, number))
                 old_lines.append(line[1:])
-                old_kinds.append("-")
+                kinds.append(_MINUS)
                 old_left -= 1
                 if prefix < 0:
                     prefix = context
@@ -482,7 +481,7 @@ class _Parser:
                 if new_left <= 0:
                     raise self.error(i, self.hunk_expectation(old_left, new_left, number))
                 new_lines.append(line[1:])
-                new_kinds.append("+")
+                kinds.append(_PLUS)
                 new_left -= 1
                 if prefix < 0:
                     prefix = context
@@ -500,7 +499,7 @@ class _Parser:
         if prefix < 0:
             raise self.error(at, f"at least one '-' or '+' line in hunk #{number}", "context lines only")
         return Hunk(number, old_start, old_count, new_start, new_count, header, at + 1,
-                    old_lines, new_lines, "".join(old_kinds), "".join(new_kinds),
+                    old_lines, new_lines, bytes(kinds),
                     prefix, context), i
 
     def hunk_fast(self, i: int, number: int, old_start: int, old_count: int, new_start: int,
@@ -544,7 +543,7 @@ class _Parser:
         hunk = Hunk(number, old_start, old_count, new_start, new_count, header, i + 1,
                     list(compress(body, seg.translate(_OLD_SIDE))),
                     list(compress(body, seg.translate(_NEW_SIDE))),
-                    seg.translate(None, b"+").decode("ascii"), seg.translate(None, b"-").decode("ascii"),
+                    seg,
                     length - len(stripped), length - len(seg.rstrip(b" ")))
         return hunk, end
 

@@ -24,6 +24,7 @@ them.  Pure functions of (lines, hunks): no file-system access here.
 from __future__ import annotations
 
 from .model import Hunk, HunkResult
+from .parse import split_lines
 
 
 class FilePlacer:
@@ -251,24 +252,74 @@ class FilePlacer:
             tried={"line": first_guess, "from_line": lo, "to_line": hi, "max_fuzz": limit})
 
 
-def place_hunks(lines: list[bytes], hunks: list[Hunk], max_fuzz: int, *, creating: bool = False,
-                input_size: int = 0, stop_on_failure: bool = False,
+def place_hunks(content: bytes, hunks: list[Hunk], max_fuzz: int, *, lines: list[bytes] | None = None,
+                creating: bool = False, input_size: int = 0, stop_on_failure: bool = False,
                 exact_only: bool = False) -> tuple[bytes, list[HunkResult]]:
-    """Apply ``hunks`` to ``lines`` as GNU patch would; the output and one result per hunk.
+    """Apply ``hunks`` to ``content`` as GNU patch would; the output and one result per hunk.
 
-    The output is meaningful only if every hunk applied.  ``stop_on_failure``
+    The output is meaningful only if every hunk applied.  ``lines`` is
+    ``split_lines(content)`` if the caller already has it; ``stop_on_failure``
     returns at the first hunk that does not fit (a yes/no question, such as
     "is the reverse applied?", needs no more); ``exact_only`` tries each hunk
     only at the line it states (shifted by earlier hunks), without fuzz.
+
+    Most hunks of a large patch fit exactly where they say.  Those are matched
+    and copied as byte ranges of ``content``, so a file is not cut into
+    hundreds of thousands of line objects only to be joined again; the first
+    hunk that needs more (an offset, fuzz, a missing newline) has the file
+    split once, and GNU's line-based placement goes on from the same state.
     """
+    results: list[HunkResult] = []
+    out: list[bytes] = []
+    frozen = pos = out_offset = 0
+    taken = 0
+    if lines is None:
+        # Only an estimate for _line_start: counting every line first would cost
+        # as much as splitting the file.
+        avg = 40
+        for h in hunks:
+            old_lines, new_lines = h.old_lines, h.new_lines
+            pat_lines = len(old_lines)
+            prefix = h.prefix_context
+            first_guess = h.first
+            if not (pat_lines and prefix == h.suffix_context and frozen < first_guess
+                    and old_lines[-1][-1:] == b"\n" and (not new_lines or new_lines[-1][-1:] == b"\n")
+                    and not (creating and first_guess == 1 and input_size)):
+                break
+            # The file must hold the stated lines, each ending in a newline as the
+            # old side's do: the same test as "first_guess <= n - pat_lines + 1"
+            # plus the comparison of the line-based path below.
+            start = _line_start(content, pos, first_guess - 1 - frozen, avg)
+            old = b"".join(old_lines)
+            if start < 0 or not content.startswith(old, start):
+                break
+            if prefix:
+                head = start + sum(map(len, old_lines[:prefix]))
+                tail = start + len(old) - sum(map(len, old_lines[pat_lines - prefix:]))
+            else:
+                head, tail = start, start + len(old)
+            if pos < head:
+                out.append(content[pos:head])
+            out.extend(new_lines[prefix:len(new_lines) - prefix])
+            results.append(HunkResult(h.number, h.header, "applied", first_guess,
+                                      first_guess + out_offset, 0, 0))
+            pos = tail
+            frozen = first_guess - 1 + pat_lines - prefix
+            out_offset += len(new_lines) - pat_lines
+            taken += 1
+        else:
+            out.append(content[pos:])
+            return b"".join(out), results
+        lines = split_lines(content)
     placer = FilePlacer(lines)
-    results = []
+    placer.out = out
+    placer.last_frozen = frozen
+    placer.out_offset = out_offset
     n = len(lines)
-    out = placer.out
-    for h in hunks:
-        # Inline fast path (the bulk of a large patch): a balanced hunk that fits
-        # exactly where it says, all lines ending in a newline.  Same state
-        # changes as place() -> locate() -> apply_hunk() take for it.
+    for h in hunks[taken:] if taken else hunks:
+        # Inline fast path: a balanced hunk that fits exactly where it says, all
+        # lines ending in a newline.  Same state changes as place() -> locate()
+        # -> apply_hunk() take for it.
         old_lines, new_lines = h.old_lines, h.new_lines
         first_guess = h.first + placer.in_offset
         pat_lines = len(old_lines)
@@ -297,3 +348,35 @@ def place_hunks(lines: list[bytes], hunks: list[Hunk], max_fuzz: int, *, creatin
         if stop_on_failure and result.status != "applied":
             return b"", results
     return placer.finish(), results
+
+
+def _line_start(data: bytes, pos: int, k: int, avg: int) -> int:
+    """The offset of the line ``k`` lines after the one starting at ``pos``; -1 past the end.
+
+    Counting newlines in windows sized from the average line length, then
+    stepping back to the exact one, costs a few C-speed calls per hunk
+    instead of one Python step per line.
+    """
+    find = data.find
+    size = len(data)
+    while k > 16:
+        window = (k - 8) * avg
+        c = data.count(b"\n", pos, pos + window)
+        if c < k:
+            if pos + window >= size:
+                return -1
+            pos += window
+            k -= c
+            continue
+        if c - k > 32:
+            avg = max(1, avg // 2)  # lines here are much shorter than the average
+            continue
+        p = pos + window
+        for _ in range(c - k + 1):
+            p = data.rfind(b"\n", pos, p)
+        return p + 1
+    for _ in range(k):
+        pos = find(b"\n", pos) + 1
+        if not pos:
+            return -1
+    return pos

@@ -302,10 +302,11 @@ class Tree:
             #    directory that will be removed, so the backup does not keep it busy).
             doomed = [k + "/" for k, b, a in changes if b is not None and b.kind == "dir" and a is not None]
             real_root = os.path.realpath(self.root)
+            verified: set[str] = set()  # directories checked in this phase (one check each)
             for key, before, after in changes:
                 current_key = key
                 target = self.host(key)
-                self._check_real_dirs(key, real_root)  # nothing changed since the patch was computed
+                self._check_real_dirs(key, real_root, verified)  # nothing changed since the patch was computed
                 if before is not None and before.kind in ("file", "symlink"):
                     tops = [d for d in doomed if key.startswith(d)]
                     aside_dirs[key] = self.host(min(tops, key=len)).parent if tops else target.parent
@@ -334,12 +335,13 @@ class Tree:
                     self._remove_tree_dirs(self.host(key), done)
             # 3. Parents, then every staged file into place (through real directories
             #    only: a symlink on the way now would take the file elsewhere).
+            verified = set()
             for tmp, target, key in staged:
                 current_key = key
                 for d in _make_parents(target.parent):
                     done.append(("mkdir", d, 0))
                     dirs.add(d.parent)
-                self._check_real_dirs(key, real_root)
+                self._check_real_dirs(key, real_root, verified)
                 os.replace(tmp, target)
                 done.append(("replace", target, 0))
                 dirs.add(target.parent)
@@ -365,9 +367,17 @@ class Tree:
         node = self.current[key]
         return node is None or node.kind != "dir"
 
-    def _check_real_dirs(self, key: str, real_root: str) -> None:
-        """Raise if a directory on the way to ``key`` (as far as it exists) is now a symlink."""
+    def _check_real_dirs(self, key: str, real_root: str, verified: set[str]) -> None:
+        """Raise if a directory on the way to ``key`` (as far as it exists) is now a symlink.
+
+        ``verified`` holds the directories already checked in this phase of the
+        commit: a large patch changes many files per directory, and resolving
+        the same directory again per file was a tenth of the commit's time.
+        """
         parent = key.rpartition("/")[0]
+        if parent in verified:
+            return
+        verified.add(parent)
         while parent and (not os.path.lexists(self.host(parent)) or self._goes(parent)):
             parent = parent.rpartition("/")[0]
         here = self.host(parent) if parent else self.root

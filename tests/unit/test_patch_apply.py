@@ -655,3 +655,48 @@ def test_cli_bad_input_is_a_user_error(tmp_path: Path, argv_tail: list[str], mes
     with pytest.raises(UserError) as err:
         run_cli(["patch", "apply"] + [a.format(**names) for a in argv_tail])
     assert err.value.exit_code == 2 and message in str(err.value)
+
+
+# -- placement by byte ranges (the large-patch path) agrees with line placement
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("line_len", [1, 3, 40, 400])
+def test_line_start_finds_every_line_or_reports_the_end(line_len):
+    from guest_init.patch.place import _line_start
+
+    lines = [b"%0*d\n" % (line_len, i) if i % 3 else b"\n" for i in range(300)]
+    data = b"".join(lines)
+    offsets = [0]
+    for line in lines:
+        offsets.append(offsets[-1] + len(line))
+    for start in (0, 7, 150):
+        for k in (0, 1, 15, 17, 60, 299 - start):
+            assert _line_start(data, offsets[start], k, 40) == offsets[start + k]
+    assert _line_start(data, 0, 301, 40) == -1
+    assert _line_start(data, offsets[290], 20, 40) == -1
+
+
+@pytest.mark.unit
+def test_byte_placement_and_line_placement_give_the_same_result():
+    from guest_init.patch.parse import parse_patch, split_lines
+    from guest_init.patch.place import place_hunks
+
+    old = b"".join(b"line %d\n" % i for i in range(1, 400))
+    lines = old.split(b"\n")[:-1]
+    new_lines = list(lines)
+    new_lines[100] = b"changed 101"
+    new_lines.insert(300, b"added")
+    new = b"\n".join(new_lines) + b"\n"
+    import difflib
+
+    diff = "".join(difflib.unified_diff(old.decode().splitlines(True), new.decode().splitlines(True),
+                                        "a/f", "b/f")).encode()
+    hunks = parse_patch(diff)[0].hunks
+    drifted = b"top\n" * 5 + old  # every hunk needs an offset: the line-based path takes over
+    for content in (old, drifted):
+        by_bytes = place_hunks(content, hunks, 2)
+        by_lines = place_hunks(content, hunks, 2, lines=split_lines(content))
+        assert by_bytes[0] == by_lines[0] == (new if content is old else b"top\n" * 5 + new)
+        assert [(h.line, h.new_line, h.offset) for h in by_bytes[1]] == \
+               [(h.line, h.new_line, h.offset) for h in by_lines[1]]
