@@ -53,7 +53,8 @@ def _patch(txn: Transaction, step: PatchStep, artifact: Path | None, scratch: Pa
     rels = sorted({p for f in files for p in (f.old_path, f.new_path, *f.alternatives) if p})
     guest_paths = [_under(step.dir, rel) for rel in rels]
     txn.materialize(guest_paths, scratch, base=step.dir)
-    result = apply_patch(data, scratch, strip=step.strip, source=step.source.uri)
+    # The scratch copy is in the initramfs: the transaction makes the result durable once.
+    result = apply_patch(data, scratch, strip=step.strip, source=step.source.uri, durable=False)
     if result.status == "failed":
         raise StepFailed(f"patch {step.source.uri} does not apply under {step.dir}",
                          {"uri": step.source.uri, "dir": step.dir, "diagnosis": result.to_json(),

@@ -271,7 +271,7 @@ def place_hunks(content: bytes, hunks: list[Hunk], max_fuzz: int, *, lines: list
     """
     results: list[HunkResult] = []
     out: list[bytes] = []
-    frozen = pos = out_offset = 0
+    frozen = pos = out_offset = in_offset = 0
     taken = 0
     if lines is None:
         # Only an estimate for _line_start: counting every line first would cost
@@ -281,17 +281,31 @@ def place_hunks(content: bytes, hunks: list[Hunk], max_fuzz: int, *, lines: list
             old_lines, new_lines = h.old_lines, h.new_lines
             pat_lines = len(old_lines)
             prefix = h.prefix_context
-            first_guess = h.first
-            if not (pat_lines and prefix == h.suffix_context and frozen < first_guess
-                    and old_lines[-1][-1:] == b"\n" and (not new_lines or new_lines[-1][-1:] == b"\n")
-                    and not (creating and first_guess == 1 and input_size)):
+            if not (pat_lines and prefix == h.suffix_context
+                    and old_lines[-1][-1:] == b"\n" and (not new_lines or new_lines[-1][-1:] == b"\n")):
                 break
             # The file must hold the stated lines, each ending in a newline as the
             # old side's do: the same test as "first_guess <= n - pat_lines + 1"
-            # plus the comparison of the line-based path below.
-            start = _line_start(content, pos, first_guess - 1 - frozen, avg)
+            # plus the comparison of the line-based path.
+            first_guess = h.first + in_offset
             old = b"".join(old_lines)
-            if start < 0 or not content.startswith(old, start):
+            start = _line_start(content, pos, first_guess - 1 - frozen, avg) if frozen < first_guess else -1
+            if start >= 0 and content.startswith(old, start):
+                where = first_guess
+            elif exact_only:
+                if stop_on_failure:  # a yes/no question: no need to split the file to answer it
+                    results.append(HunkResult(h.number, h.header, "failed", None, first_guess + out_offset,
+                                              in_offset, 0, reason="its old lines are not at the stated line"))
+                    return b"", results
+                break
+            else:
+                # GNU's offset search without fuzz: the nearest place, forward first.
+                found = _nearest(content, old, pos, frozen + 1, first_guess)
+                if found is None:
+                    break
+                where, start = found
+                in_offset += where - first_guess
+            if creating and where == 1 and input_size:
                 break
             if prefix:
                 head = start + sum(map(len, old_lines[:prefix]))
@@ -301,10 +315,10 @@ def place_hunks(content: bytes, hunks: list[Hunk], max_fuzz: int, *, lines: list
             if pos < head:
                 out.append(content[pos:head])
             out.extend(new_lines[prefix:len(new_lines) - prefix])
-            results.append(HunkResult(h.number, h.header, "applied", first_guess,
-                                      first_guess + out_offset, 0, 0))
+            results.append(HunkResult(h.number, h.header, "applied", where, where + out_offset,
+                                      in_offset, 0))
             pos = tail
-            frozen = first_guess - 1 + pat_lines - prefix
+            frozen = where - 1 + pat_lines - prefix
             out_offset += len(new_lines) - pat_lines
             taken += 1
         else:
@@ -315,6 +329,7 @@ def place_hunks(content: bytes, hunks: list[Hunk], max_fuzz: int, *, lines: list
     placer.out = out
     placer.last_frozen = frozen
     placer.out_offset = out_offset
+    placer.in_offset = in_offset
     n = len(lines)
     for h in hunks[taken:] if taken else hunks:
         # Inline fast path: a balanced hunk that fits exactly where it says, all
@@ -380,3 +395,32 @@ def _line_start(data: bytes, pos: int, k: int, avg: int) -> int:
         if not pos:
             return -1
     return pos
+
+
+def _nearest(data: bytes, old: bytes, pos: int, line: int, first_guess: int) -> tuple[int, int] | None:
+    """Where GNU's offset search (fuzz 0) puts ``old``: (line, offset) or None.
+
+    ``pos`` is the start of line ``line``, the first the hunk may use.  The
+    search order is offset 0, +1, -1, +2, -2...: so the nearest line-aligned
+    occurrence wins, the later one on a tie.  None also when the text is so
+    common that the line-based search is the better tool.
+    """
+    best: tuple[int, int, int] | None = None  # (distance, line, offset)
+    counted = pos
+    at = data.find(old, pos)
+    seen = 0
+    while at >= 0:
+        seen += 1
+        if seen > 64:
+            return None
+        if at == 0 or data[at - 1] == 10:
+            line += data.count(b"\n", counted, at)
+            counted = at
+            delta = line - first_guess
+            distance = 2 * abs(delta) - (delta > 0)
+            if best is None or distance < best[0]:
+                best = (distance, line, at)
+            if delta >= 0:
+                break  # every later place is farther
+        at = data.find(old, at + 1)
+    return None if best is None else (best[1], best[2])
