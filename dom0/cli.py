@@ -162,11 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
     boot.set_defaults(func=cmd_boot)
 
     from .container.cli import add_parser as add_container_parser
+    from .deploy import add_parsers as add_deploy_parsers
     from .diagnose import add_parsers as add_diagnose_parsers
     from .patch_cli import add_parsers as add_patch_parsers
     from .trust_cli import add_parsers as add_trust_parsers
 
     add_container_parser(sub)
+    add_deploy_parsers(sub)
     add_diagnose_parsers(sub)
     add_patch_parsers(sub)
     add_trust_parsers(sub)

@@ -10,6 +10,10 @@ report.
 :func:`qemu_command` is pure apart from checking that the files it names exist,
 so the mapping is unit-tested without starting anything; :func:`run_qemu` owns
 the process and never leaves one behind.
+
+qcow2 overlays boot as they are: qemu reads qcow2 natively and opens an
+overlay's backing file (the shared base) read-only, so writes land in the
+overlay; :func:`check_qcow2_chain` makes sure the base is there first.
 """
 from __future__ import annotations
 
@@ -133,10 +137,44 @@ def drive_args(disk: DiskSpec, domain: DomainConfig) -> list[str]:
         raise UserError(f"{domain.path}: disk {disk.spec!r} uses script={disk.script}, which "
                         "only a Xen host can run; expected a file or block device target")
     _require_file(Path(disk.target), "disk target", domain)
+    if disk.format == "qcow2":
+        check_qcow2_chain(Path(disk.target), disk, domain)
     readonly = "on" if disk.readonly or disk.is_cdrom else "off"
     options = [f"file={qemu_escape(disk.target)}", f"format={QEMU_FORMATS[disk.format]}",
                "if=virtio", "cache=unsafe", f"readonly={readonly}"]
     return ["-drive", ",".join(options)]
+
+
+MAX_BACKING_CHAIN = 16
+
+
+def check_qcow2_chain(path: Path, disk: DiskSpec, domain: DomainConfig) -> None:
+    """Every image a qcow2 overlay is built on must exist.
+
+    qemu opens an overlay's backing files read-only by itself, so a shared base
+    is never written; but a missing or moved base would only show up as a qemu
+    error in qemu.log after the console was reset, so it is checked here.  (A
+    file that is not qcow2 at all is left for qemu to report.)
+    """
+    from .exports import backing_path, read_qcow2_header
+
+    seen: list[Path] = []
+    current = path
+    while True:
+        header = read_qcow2_header(current)
+        if header is None:
+            return
+        backing = backing_path(current, header)
+        if backing is None:
+            return
+        if not backing.exists():
+            raise UserError(f"{domain.path}: disk {disk.vdev}: {current} is an overlay of {backing}, "
+                            "which does not exist (the shared base image was moved or removed)")
+        seen.append(current)
+        if len(seen) > MAX_BACKING_CHAIN or backing in seen:
+            raise UserError(f"{domain.path}: disk {disk.vdev}: the backing chain of {path} is longer "
+                            f"than {MAX_BACKING_CHAIN} or loops")
+        current = backing
 
 
 def nic_args(index: int, vif: dict[str, str], domain: DomainConfig) -> list[str]:

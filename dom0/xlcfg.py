@@ -1,4 +1,5 @@
-"""xl domain configuration files (xl.cfg(5)) and disk specs (xl-disk-configuration(5)).
+"""xl domain configuration files (xl.cfg(5)), disk specs (xl-disk-configuration(5)),
+vif specs (xl-network-configuration(5)) and channel specs.
 
 Why our own parser: ``supercharge boot`` runs the same file under qemu that a Xen
 host hands to ``xl create``, and container files are xl syntax plus bracketed
@@ -15,9 +16,14 @@ Layers, so the container-file parser can reuse the lower ones:
 * :func:`skip_separators` / :func:`parse_setting` parse one ``key = value``
   statement from a lexer; :meth:`XlConfig.add` stores it (duplicates, ``+=``).
 * :func:`parse_xl_config` is the loop for a plain xl file.
-* :func:`load_domain_config` interprets the settings this project boots from.
+* :func:`load_domain_config` / :func:`domain_from_settings` interpret the
+  settings this project boots from; device specs become :class:`DiskSpec`,
+  vif dicts and :class:`ChannelSpec` s, each with a canonical form that
+  parses back equal.
 * :func:`write_xl_config` writes xl syntax back, such that parsing it again
   gives the same mapping.
+
+docs/xl.md lists the fields read and written and how they map to qemu.
 """
 from __future__ import annotations
 
@@ -562,9 +568,13 @@ class DiskSpec:
         return self.format == "empty" or (self.is_cdrom and not self.target)
 
     def to_spec(self) -> str:
-        """The canonical key=value form, target last (it may contain commas)."""
-        parts = [f"format={self.format}", f"vdev={self.vdev}", f"access={self.access}",
-                 f"devtype={self.devtype}"]
+        """The canonical key=value form, target last (it may contain commas).
+
+        ``devtype`` is written only for a cdrom (``disk`` is xl's default).
+        """
+        parts = [f"format={self.format}", f"vdev={self.vdev}", f"access={self.access}"]
+        if self.devtype != "disk":
+            parts.append(f"devtype={self.devtype}")
         if self.backendtype:
             parts.append(f"backendtype={self.backendtype}")
         if self.script:
@@ -759,19 +769,132 @@ def _finish_disk(state: _DiskParse) -> DiskSpec:
                     options=tuple(state.options), spec=state.spec)
 
 
+VIF_KEYS = ("mac", "bridge", "gatewaydev", "type", "model", "vifname", "script", "ip",
+            "backend", "rate", "devid", "mtu")
+"""xl-network-configuration(5)'s keywords, in the order :func:`format_vif_spec` writes them."""
+VIF_FLAGS = ("trusted", "untrusted")
+
+
 def parse_vif_spec(spec: str, where: str | None = None) -> dict[str, str]:
-    """A vif spec (``mac=...,bridge=...``) as a dict; an empty spec means all defaults."""
+    """A vif spec (``mac=...,bridge=...``) as a dict; an empty spec means all defaults.
+
+    Keys are xl-network-configuration(5)'s; the flags ``trusted`` and
+    ``untrusted`` map to an empty value.  Unknown keys are refused: a typo
+    (``brige=``) would otherwise put the guest on the default bridge.  Values
+    are checked where they are used (the qemu backend checks ``mac``).
+    """
+    prefix = f"{where}: " if where else ""
     result: dict[str, str] = {}
     for part in spec.split(","):
         part = part.strip()
         if not part:
             continue
+        if part in VIF_FLAGS:
+            result[part] = ""
+            continue
         key, equals, value = part.partition("=")
-        if not equals or not key.strip():
-            prefix = f"{where}: " if where else ""
+        key, value = key.strip(), value.strip()
+        if not equals or not key:
             raise UserError(f"{prefix}vif spec {spec!r}: expected key=value, found {part!r}")
-        result[key.strip()] = value.strip()
+        if key not in VIF_KEYS:
+            raise UserError(f"{prefix}vif spec {spec!r}: expected a vif keyword "
+                            f"({', '.join(VIF_KEYS)}), found {key}=")
+        if key in result:
+            raise UserError(f"{prefix}vif spec {spec!r}: expected each keyword once, found "
+                            f"{key}= again")
+        result[key] = value
     return result
+
+
+def format_vif_spec(vif: Mapping[str, str]) -> str:
+    """The canonical vif spec: keywords in :data:`VIF_KEYS` order, then flags.
+
+    ``parse_vif_spec(format_vif_spec(v)) == v`` for every parsed ``v``; values
+    holding a comma cannot be written (xl has no quoting inside a vif spec).
+    """
+    parts: list[str] = []
+    for key in VIF_KEYS:
+        if key in vif:
+            if "," in vif[key]:
+                raise ValueError(f"vif {key}={vif[key]!r}: xl cannot express a comma in a vif value")
+            parts.append(f"{key}={vif[key]}")
+    parts.extend(flag for flag in VIF_FLAGS if flag in vif)
+    unknown = set(vif) - set(VIF_KEYS) - set(VIF_FLAGS)
+    if unknown:
+        raise ValueError(f"not vif keywords: {', '.join(sorted(unknown))}")
+    return ",".join(parts)
+
+
+# ---------------------------------------------------------------------------
+# Channels (xl.cfg(5) "channel")
+
+CHANNEL_CONNECTIONS = ("pty", "socket")
+
+
+@dataclass(frozen=True)
+class ChannelSpec:
+    """One xl channel: a named, PV-console-like byte stream between guest and dom0.
+
+    ``connection`` is ``pty`` (dom0 end is a pty) or ``socket`` (a UNIX socket
+    at ``path``, which xl then requires); ``backend`` is the backend domain.
+    """
+
+    name: str
+    connection: str
+    path: str | None = None
+    backend: str | None = None
+    spec: str = field(default="", compare=False)
+
+    def to_spec(self) -> str:
+        """The canonical spec: name, connection, path, backend (xl reads any order)."""
+        parts = [f"name={self.name}", f"connection={self.connection}"]
+        if self.path is not None:
+            parts.append(f"path={self.path}")
+        if self.backend is not None:
+            parts.append(f"backend={self.backend}")
+        return ",".join(parts)
+
+
+def parse_channel_spec(spec: str, where: str | None = None) -> ChannelSpec:
+    """Parse ``name=N,connection=pty|socket[,path=P][,backend=D]`` as xl does.
+
+    xl requires ``name`` and ``connection``, and ``path`` for a socket; a path
+    on a pty channel is refused here (xl ignores it, which hides a mistake).
+    """
+    prefix = f"{where}: " if where else ""
+
+    def error(expected: str, found: str) -> UserError:
+        return UserError(f"{prefix}channel spec {spec!r}: expected {expected}, found {found}")
+
+    values: dict[str, str] = {}
+    for part in spec.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        key, equals, value = part.partition("=")
+        key, value = key.strip(), value.strip()
+        if not equals:
+            raise error("key=value", repr(part))
+        if key not in ("name", "connection", "path", "backend"):
+            raise error("a channel keyword (name, connection, path, backend)", f"{key}=")
+        if key in values:
+            raise error("each keyword once", f"{key}= again")
+        values[key] = value
+    if not values.get("name"):
+        raise error("name=NAME (the guest sees the channel by this name)", "none")
+    connection = values.get("connection")
+    if connection is None:
+        raise error("connection=pty or connection=socket", "none")
+    if connection not in CHANNEL_CONNECTIONS:
+        raise error("connection=pty or connection=socket", repr(connection))
+    path = values.get("path")
+    if connection == "socket" and not path:
+        raise error("path=SOCKET_PATH with connection=socket", "none")
+    if connection == "pty" and path is not None:
+        raise error("no path with connection=pty (a pty has no path; use connection=socket)",
+                    repr(path))
+    return ChannelSpec(name=values["name"], connection=connection, path=path,
+                       backend=values.get("backend"), spec=spec)
 
 
 # ---------------------------------------------------------------------------
@@ -801,15 +924,26 @@ class DomainConfig:
     on_crash: str = "destroy"
     channel: list[str] = field(default_factory=list)
     raw: XlConfig = field(default_factory=XlConfig)
+    channels: list[ChannelSpec] = field(default_factory=list)
 
     def to_xl(self) -> XlConfig:
-        """The raw settings with resolved paths, so ``xl create`` works from any directory."""
+        """The raw settings with resolved paths and canonical device specs.
+
+        Paths are absolute so ``xl create`` works from any directory; disk, vif
+        and channel specs are written in their canonical key=value form, which
+        parses back to the same :class:`DiskSpec`, vif dict and
+        :class:`ChannelSpec`.  Settings this project does not interpret are kept.
+        """
         config = self.raw.copy()
         config["kernel"] = str(self.kernel)
         if self.ramdisk is not None:
             config["ramdisk"] = str(self.ramdisk)
         if "disk" in config:
             config["disk"] = [disk.to_spec() for disk in self.disks]
+        if "vif" in config:
+            config["vif"] = [format_vif_spec(vif) for vif in self.vifs]
+        if "channel" in config:
+            config["channel"] = [channel.to_spec() for channel in self.channels]
         return config
 
 
@@ -817,7 +951,18 @@ def load_domain_config(path: Path) -> DomainConfig:
     """Read and interpret an xl domain config file."""
     path = Path(path)
     raw = parse_xl_config(_read_text(path), str(path))
-    base = path.absolute().parent
+    return domain_from_settings(raw, path)
+
+
+def domain_from_settings(raw: XlConfig, path: Path, base: Path | None = None) -> DomainConfig:
+    """Interpret parsed settings; relative paths are taken from ``base``.
+
+    ``base`` defaults to the directory of ``path``.  It differs when the
+    settings come from somewhere else than the file they will be written to:
+    a container's stripped config names paths relative to the container.
+    """
+    path = Path(path)
+    base = (base or path.absolute().parent).absolute()
     kernel = _string(raw, "kernel")
     if kernel is None:
         raise UserError(f"{path}: expected a 'kernel' setting (domains here boot a kernel "
@@ -834,7 +979,7 @@ def load_domain_config(path: Path) -> DomainConfig:
         on_poweroff=_action(raw, "on_poweroff", "destroy"),
         on_reboot=_action(raw, "on_reboot", "restart"),
         on_crash=_action(raw, "on_crash", "destroy"),
-        channel=_string_list(raw, "channel"), raw=raw)
+        channel=_string_list(raw, "channel"), raw=raw, channels=_channels(raw))
 
 
 def _read_text(path: Path) -> str:
@@ -930,3 +1075,8 @@ def _disks(raw: XlConfig, base: Path) -> list[DiskSpec]:
 def _vifs(raw: XlConfig) -> list[dict[str, str]]:
     return [parse_vif_spec(spec, raw.where("vif", index))
             for index, spec in enumerate(_string_list(raw, "vif"))]
+
+
+def _channels(raw: XlConfig) -> list[ChannelSpec]:
+    return [parse_channel_spec(spec, raw.where("channel", index))
+            for index, spec in enumerate(_string_list(raw, "channel"))]

@@ -113,6 +113,38 @@ class Image(Expr):
 
 
 @dataclass(frozen=True, kw_only=True)
+class Export(Expr):
+    """``[export PATH VDEV ro|rw|cow] [end]``: an existing image given to the domain as VDEV.
+
+    ``ro`` shares the image read-only (any number of domains), ``rw`` gives it
+    to this domain alone, ``cow`` gives the domain a copy-on-write view: a
+    qcow2 overlay (``overlay``) over an image file, or an LVM snapshot
+    (``snapshot``, ``snapshot_size``) when PATH is a ``/dev/`` logical volume.
+    ``format`` is the image's own format; ``keep`` keeps an existing overlay
+    or snapshot of the same base (``existing keep``, the default) instead of
+    making a fresh one (``existing replace``).
+    """
+
+    kind: ClassVar[str] = "export"
+
+    path: str
+    vdev: str
+    access: Literal["ro", "rw", "cow"]
+    format: Literal["raw", "qcow2"] = "raw"
+    overlay: str | None = None
+    snapshot: str | None = None
+    snapshot_size: int | None = None
+    keep: bool = True
+
+    @property
+    def cow(self) -> Literal["qcow2", "lvm"] | None:
+        """How the copy-on-write view is made, by what PATH names; None unless ``cow``."""
+        if self.access != "cow":
+            return None
+        return "lvm" if self.path.startswith("/dev/") else "qcow2"
+
+
+@dataclass(frozen=True, kw_only=True)
 class Populate(Expr):
     """``[populate image IMAGE MOUNTPOINT URI] [end]``: the archive at URI expanded into IMAGE."""
 

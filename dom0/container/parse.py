@@ -32,6 +32,7 @@ from dom0.container.model import (
     Container,
     Copy,
     Create,
+    Export,
     Expr,
     Hook,
     Image,
@@ -441,6 +442,51 @@ def build_image(p: Parsed) -> Image:
                  fstype=fstype)
 
 
+_COW_ONLY = ("overlay", "snapshot", "snapshot-size", "existing")
+
+
+def build_export(p: Parsed) -> Export:
+    """Checks that need several words: what a cow export is made of depends on PATH."""
+    path, access = p.values["path"], p.values["access"]
+    given = sorted((name for name in _COW_ONLY if name in p.option_pos),
+                   key=lambda name: (p.option_pos[name].line, p.option_pos[name].col))
+    if access != "cow" and given:
+        raise syntax_error(p.option_pos[given[0]], f"'{given[0]}' only with access cow (it says how "
+                           "the copy-on-write view is made)", f"'{given[0]}' with access {access}")
+    if access == "cow" and path.startswith("/dev/"):
+        if "overlay" in p.option_pos:
+            raise syntax_error(p.option_pos["overlay"], "'snapshot NAME' for a logical volume "
+                               f"(a cow export of {path} is an LVM snapshot; 'overlay' is for "
+                               "image files)", "'overlay'")
+        if p.values.get("format", "raw") != "raw":
+            raise syntax_error(p.option_pos["format"], "format raw for an LVM snapshot",
+                               f"format {p.values['format']}")
+    elif access == "cow":
+        for name in ("snapshot", "snapshot-size"):
+            if name in p.option_pos:
+                raise syntax_error(p.option_pos[name], f"'overlay PATH' for an image file ('{name}' "
+                                   "is for a logical volume, a PATH under /dev/)", f"'{name}'")
+    keep = p.values.get("existing", "keep") == "keep"
+    return Export(**p.common(), **p.fields("path", "vdev", "access", "format", "overlay", "snapshot",
+                                            "snapshot_size"), keep=keep)
+
+
+def convert_lv_name(word: Word) -> str:
+    """An LVM logical volume name: letters, digits, '+', '_', '.', '-', not starting with '-'."""
+    if not re.fullmatch(r"[A-Za-z0-9+_.][A-Za-z0-9+_.-]{0,126}", word.text) or word.text in (".", ".."):
+        raise syntax_error(word.pos, "a logical volume name (letters, digits, '+', '_', '.' and '-', "
+                           "not starting with '-', at most 127)", _shown(word.text))
+    return word.text
+
+
+def convert_lv_size(word: Word) -> int:
+    """A snapshot's copy-on-write space: a size like 1G (binary units, whole MiB at least)."""
+    size = convert_size(word)
+    if size < 1 << 20:
+        raise syntax_error(word.pos, "a snapshot size of at least 1M", _shown(word.text))
+    return size
+
+
 def build_populate(p: Parsed) -> Populate:
     return Populate(**p.common(), **p.fields("image", "mountpoint", "uri"))
 
@@ -502,6 +548,16 @@ EXPRESSIONS: dict[str, ExprSpec] = {
                  OptionSpec("export", "export", "VDEV", convert_vdev),
                  OptionSpec("access", "access", "ro|rw", choice(("ro", "rw"), "access"))),
         body="none", boot="never", build=build_image),
+    "export": ExprSpec(
+        "export", (ArgSpec("PATH", "path", convert_host_path), ArgSpec("VDEV", "vdev", convert_vdev),
+                   ArgSpec("ACCESS", "access", choice(("ro", "rw", "cow"), "access"))),
+        _options(OptionSpec("format", "format", "raw|qcow2", choice(("raw", "qcow2"), "format")),
+                 OptionSpec("overlay", "overlay", "PATH", convert_host_path),
+                 OptionSpec("snapshot", "snapshot", "NAME", convert_lv_name),
+                 OptionSpec("snapshot-size", "snapshot_size", "SIZE", convert_lv_size),
+                 OptionSpec("existing", "existing", "keep|replace",
+                            choice(("keep", "replace"), "existing"))),
+        body="none", boot="never", build=build_export),
     "populate": ExprSpec(
         "populate", (ArgSpec("image", "", keep_word, literal="image"),
                      ArgSpec("IMAGE", "image", convert_host_path),

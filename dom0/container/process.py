@@ -23,6 +23,7 @@ import time
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 from urllib.parse import unquote, urlsplit
 
 from guest_init.ops import OpError, apply_replace
@@ -32,7 +33,8 @@ from ..cpio import CpioWriter
 from ..compress import compress
 from ..errors import EXIT_FAILED, UserError
 from ..xlcfg import write_xl_config
-from .model import Container, Copy, Create, Expr, FileChange, Hook, Image, Mount, Patch, Populate, Replace
+from .model import (Container, Copy, Create, Export, Expr, FileChange, Hook, Image, Mount, Patch,
+                    Populate, Replace)
 
 STATE = ".supercharge"
 
@@ -351,11 +353,18 @@ class Workspace:
 
 
 class ContainerRun:
-    """One container's pass: its working trees, fresh images, plan and log."""
+    """One container's pass: its working trees, fresh images, plan and log.
 
-    def __init__(self, workspace: Workspace, container: Container) -> None:
+    With ``dry_run`` nothing outside the workspace is changed: dom0-time
+    expressions are checked and logged as what they would do, exports give
+    their disk lines without creating overlays or snapshots, and boot-time
+    artifacts are fetched into the workspace to pin them in the plan.
+    """
+
+    def __init__(self, workspace: Workspace, container: Container, dry_run: bool = False) -> None:
         self.ws = workspace
         self.c = container
+        self.dry_run = dry_run
         self.base_dir = Path(container.path).resolve().parent if container.path else Path.cwd()
         stem = Path(container.path).name if container.path else "container"
         self.work = Path(tempfile.mkdtemp(prefix=f"{stem}-", dir=workspace.work_dir))
@@ -499,12 +508,15 @@ class ContainerRun:
     def run(self) -> ContainerResult:
         handlers = {"create": self.do_create, "image": self.do_image, "populate": self.do_populate,
                     "replace": self.do_change, "copy": self.do_change, "patch": self.do_patch,
-                    "hook": self.do_hook, "mount": self.do_mount}
+                    "hook": self.do_hook, "mount": self.do_mount, "export": self.do_export}
         try:
             for expr in self.c.expressions:
                 started = time.monotonic()
                 self.allow_devices = expr.allow_devices
-                summary, action, moved = handlers[expr.kind](expr)
+                if self.dry_run and not expr.at_boot and expr.kind not in ("export", "image"):
+                    summary, action, moved = self.dry(expr)
+                else:
+                    summary, action, moved = handlers[expr.kind](expr)
                 self.log.append(LogEntry(self.where(expr), expr.kind, summary, action,
                                          time.monotonic() - started, moved))
             plan = self.build_plan()
@@ -531,17 +543,73 @@ class ContainerRun:
             out.unlink(missing_ok=True)
         return f"{expr.src_dir} {expr.uri}", f"archived and stored ({_suffix_compression(expr.uri)})", size
 
-    def do_image(self, expr: Image) -> tuple[str, str, int]:
-        from ..images import create_image
+    def dry(self, expr: Expr) -> tuple[str, str, int]:
+        """A dom0-time expression in a dry run: what it would do, nothing done."""
+        summary = {"create": lambda e: f"{e.src_dir} {e.uri}",
+                   "populate": lambda e: f"{e.image} {e.uri}",
+                   "patch": lambda e: f"{e.target} {e.patch}"}.get(
+            expr.kind, lambda e: f"{e.path} in {e.archive or e.image}")(expr)
+        return summary, "not run (dry run)", 0
 
+    def do_image(self, expr: Image) -> tuple[str, str, int]:
         path = self.dom0_path(expr.path)
-        create_image(path, expr.size, expr.label, expr.fstype)
-        self.fresh_images.add(path)
         action = f"created {expr.fstype}, label {expr.label}"
+        if self.dry_run:
+            action = "not created (dry run)"
+        else:
+            from ..images import create_image
+
+            create_image(path, expr.size, expr.label, expr.fstype)
+            self.fresh_images.add(path)
         if expr.export:
             self.disks.append(f"format=raw, vdev={expr.export}, access={expr.access}, target={path}")
             action += f", exported as {expr.export} ({expr.access})"
         return f"{expr.path} {expr.size}", action, 0
+
+    def domain_name(self) -> str:
+        name = self.c.settings.get("name")
+        return str(name) if isinstance(name, str) and name else Path(self.c.path or "domain").stem
+
+    def do_export(self, expr: Export) -> tuple[str, str, int]:
+        """An existing image given to the domain: shared, its own, or copy-on-write."""
+        from .. import exports
+
+        path = self.dom0_path(expr.path)
+        where = str(expr.where("path"))
+        summary = f"{expr.path} {expr.vdev} {expr.access}"
+        if expr.cow == "lvm":
+            name = expr.snapshot or exports.default_snapshot_name(self.domain_name(), expr.vdev)
+            snap = exports.snapshot_path(path, name)
+            if self.dry_run:
+                action = f"snapshot {snap} not created (dry run)"
+            else:
+                snap, action = exports.lvm_snapshot(path, name, expr.snapshot_size, keep=expr.keep,
+                                                    where=where)
+            disk = exports.disk_spec(snap, expr.vdev, "rw")
+            moved = 0
+        elif expr.cow == "qcow2":
+            overlay = (self.dom0_path(expr.overlay) if expr.overlay
+                       else exports.default_overlay(path, self.domain_name(), expr.vdev))
+            if self.dry_run:
+                exports.check_base(path, expr.format, where)
+                action, moved = f"overlay {overlay} not created (dry run)", 0
+            else:
+                action, moved = exports.create_overlay(path, overlay, expr.format, keep=expr.keep,
+                                                       where=where)
+                action += f": {overlay}"
+            disk = exports.disk_spec(overlay, expr.vdev, "rw", "qcow2")
+        else:
+            if exports.is_block_path(path):
+                if not self.dry_run and not path.exists():
+                    raise self.fail(expr, f"{path}: block device not found", "path")
+            else:
+                exports.check_base(path, expr.format, where)
+            access: Literal["ro", "rw"] = "ro" if expr.access == "ro" else "rw"
+            disk = exports.disk_spec(path, expr.vdev, access, expr.format)
+            action = "shared read-only" if access == "ro" else "exported read-write"
+            moved = 0
+        self.disks.append(disk.to_spec())
+        return summary, f"{action}, disk {expr.vdev}", moved
 
     def do_populate(self, expr: Populate) -> tuple[str, str, int]:
         from ..images import populate_image
@@ -742,5 +810,6 @@ def _read_if_file(root: Path, rel: str) -> tuple[bytes, int] | None:
     return path.read_bytes(), st.st_mode
 
 
-def process_container(container: Container, workspace: Workspace) -> ContainerResult:
-    return ContainerRun(workspace, container).run()
+def process_container(container: Container, workspace: Workspace, *,
+                      dry_run: bool = False) -> ContainerResult:
+    return ContainerRun(workspace, container, dry_run).run()

@@ -13,6 +13,7 @@ from dom0.container import (
     Container,
     Copy,
     Create,
+    Export,
     Hook,
     Image,
     Mount,
@@ -237,6 +238,64 @@ def test_image_options() -> None:
     assert only("[image a.img 64K x fstype ext3 export sdb1] [end]").access == "rw"
 
 
+def test_export_forms() -> None:
+    shared = only("[export /var/images/usr.img xvdb ro] [end]")
+    assert isinstance(shared, Export)
+    assert (shared.path, shared.vdev, shared.access, shared.format, shared.cow) == (
+        "/var/images/usr.img", "xvdb", "ro", "raw", None)
+    cow = only("[export /var/images/root.img xvda cow\n overlay /var/lib/d/web1-root.qcow2\n"
+               " existing replace\n] [end]")
+    assert (cow.access, cow.cow, cow.overlay, cow.keep) == (
+        "cow", "qcow2", "/var/lib/d/web1-root.qcow2", False)
+    default = only("[export images/root.img xvda cow] [end]")
+    assert (default.cow, default.overlay, default.keep) == ("qcow2", None, True)
+    snap = only("[export /dev/vg0/debian-var xvdc cow snapshot web1-var snapshot-size 2G] [end]")
+    assert (snap.cow, snap.snapshot, snap.snapshot_size) == ("lvm", "web1-var", 2 << 30)
+    own = only("[export /var/images/db.qcow2 xvdd rw format qcow2] [end]")
+    assert (own.access, own.format, own.cow) == ("rw", "qcow2", None)
+    assert own.where("vdev") == Position("t.ct", 1, 30)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[export /a.img xvdb ro overlay /o] [end]",
+     "t.ct:1:24: expected 'overlay' only with access cow (it says how the copy-on-write view is "
+     "made), found 'overlay' with access ro"),
+    ("[export /a.img xvdb rw existing keep] [end]",
+     "t.ct:1:24: expected 'existing' only with access cow (it says how the copy-on-write view is "
+     "made), found 'existing' with access rw"),
+    ("[export /dev/vg/a xvdb cow overlay /o] [end]",
+     "t.ct:1:28: expected 'snapshot NAME' for a logical volume (a cow export of /dev/vg/a is an LVM "
+     "snapshot; 'overlay' is for image files), found 'overlay'"),
+    ("[export /dev/vg/a xvdb cow format qcow2] [end]",
+     "t.ct:1:28: expected format raw for an LVM snapshot, found format qcow2"),
+    ("[export /a.img xvdb cow snapshot s] [end]",
+     "t.ct:1:25: expected 'overlay PATH' for an image file ('snapshot' is for a logical volume, a "
+     "PATH under /dev/), found 'snapshot'"),
+    ("[export /dev/vg/a xvdb cow snapshot-size 512K] [end]",
+     "t.ct:1:42: expected a snapshot size of at least 1M, found '512K'"),
+    ("[export /dev/vg/a xvdb cow snapshot -x] [end]",
+     "t.ct:1:37: expected a logical volume name (letters, digits, '+', '_', '.' and '-', not "
+     "starting with '-', at most 127), found '-x'"),
+    ("[export /a.img xvdb] [end]",
+     "t.ct:1:20: expected the ACCESS argument of [export PATH VDEV ACCESS], found ']'"),
+    ("[export /a.img xvdb rwx] [end]", "t.ct:1:21: expected access ro, rw or cow, found 'rwx'"),
+    ("[export /a.img eth0 ro] [end]",
+     "t.ct:1:16: expected a guest disk name like xvdb (xvd, sd, hd or vd, then letters, then an "
+     "optional partition number), found 'eth0'"),
+    ("[export /a.img xvdb ro format vmdk] [end]",
+     "t.ct:1:31: expected format raw or qcow2, found 'vmdk'"),
+    ("[export /a.img xvdb cow existing forget] [end]",
+     "t.ct:1:34: expected existing keep or replace, found 'forget'"),
+    ("[export /a.img xvdb ro at boot] [end]",
+     "t.ct:1:24: expected no 'at boot' on export (export runs in dom0 only; replace, copy, patch, "
+     "hook and mount can run at boot), found 'at'"),
+])
+def test_export_errors(text: str, message: str) -> None:
+    with pytest.raises(UserError) as info:
+        parse_container(text, "t.ct")
+    assert str(info.value) == message
+
+
 @pytest.mark.parametrize("size, value", [
     ("50MB", 50 << 20), ("50M", 50 << 20), ("50MiB", 50 << 20), ("50mb", 50 << 20),
     ("512K", 512 << 10), ("64K", 64 << 10), ("1G", 1 << 30), ("2T", 2 << 40), ("16T", 16 << 40),
@@ -323,7 +382,7 @@ def test_expressions_on_one_line_and_separators() -> None:
 
 
 def test_registry_is_complete() -> None:
-    kinds = {cls.kind for cls in (Replace, Copy, Create, Image, Populate, Patch, Hook, Mount)}
+    kinds = {cls.kind for cls in (Replace, Copy, Create, Image, Export, Populate, Patch, Hook, Mount)}
     assert set(EXPRESSIONS) == kinds
     for name, spec in EXPRESSIONS.items():
         assert spec.name == name and spec.usage.startswith(f"[{name}")
@@ -427,20 +486,20 @@ ERRORS = [
      "t.ct:1:14: expected LF line endings (as xl requires), found a carriage return"),
     # unknown expression
     ("name = 'a'\n  [replce /etc/x]",
-     ("t.ct:2:4: expected an expression name after '[' (replace, copy, create, image, populate, "
+     ("t.ct:2:4: expected an expression name after '[' (replace, copy, create, image, export, populate, "
      "patch, hook, mount), found 'replce' (did you mean 'replace'?)")),
     ("[frobnicate]",
-     ("t.ct:1:2: expected an expression name after '[' (replace, copy, create, image, populate, "
+     ("t.ct:1:2: expected an expression name after '[' (replace, copy, create, image, export, populate, "
      "patch, hook, mount), found 'frobnicate'")),
     ("[end]",
-     ("t.ct:1:2: expected an expression name after '[' (replace, copy, create, image, populate, "
+     ("t.ct:1:2: expected an expression name after '[' (replace, copy, create, image, export, populate, "
      "patch, hook, mount), found 'end' ('[end]' with no expression open)")),
     ("[boot replace /etc/x]",
-     ("t.ct:1:2: expected an expression name after '[' (replace, copy, create, image, populate, "
+     ("t.ct:1:2: expected an expression name after '[' (replace, copy, create, image, export, populate, "
      "patch, hook, mount), found 'boot' (to run an expression in the guest at boot, add the "
      "option 'at boot', e.g. [replace /etc/motd at boot ...)")),
     ("[\n",
-     ("t.ct:1:1: expected an expression name after '[' (replace, copy, create, image, populate, "
+     ("t.ct:1:1: expected an expression name after '[' (replace, copy, create, image, export, populate, "
      "patch, hook, mount), found end of file")),
     # wrong number of arguments
     ("[image /a 50MB] [end]",
