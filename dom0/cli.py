@@ -8,6 +8,7 @@ Heavy modules are imported inside the command that needs them, so
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import sys
 from pathlib import Path
@@ -192,6 +193,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("supercharge: interrupted", file=sys.stderr)
         code = 130
+    except BrokenPipeError:
+        # The reader went away (``supercharge report --json | head``): as cat does,
+        # stop quietly; point stdout at /dev/null so the interpreter's final flush
+        # does not raise again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        code = 141
     return code
 
 

@@ -299,3 +299,24 @@ def test_unsigned_plan_with_trusted_keys_is_refused(cli, kernel, tmp_path):
     assert proc.returncode == 2
     assert "not signed" in proc.stderr and "plan.json.minisig" in proc.stderr
     assert not out.exists()
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path):
+    """Output into a pipe nobody reads any more (``| head``): no BrokenPipe traceback, exit 141."""
+    import os
+    import subprocess
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    for root, word in ((old, b"old"), (new, b"new")):
+        root.mkdir()
+        for i in range(50):
+            (root / f"f{i}").write_bytes(word * 2000 + b"\n")
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first byte
+    try:
+        proc = subprocess.run([str(REPO / ".venv/bin/supercharge"), "patch", "diff", str(old), str(new)],
+                              stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 141
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr
