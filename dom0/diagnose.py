@@ -27,10 +27,18 @@ HINTS = {
     "fetch": "check that the URI is reachable from the guest, its pin (sha256) and its signature",
     "apply": "the target differs from what the step expects: regenerate the patch against the "
              "current image (supercharge patch diff), or update the image; nothing was changed",
-    "hooks": "the hook's output is above; hooks run chrooted in the target after the commit and "
-             "must be safe to run again",
+    "hooks": "fix the hook (its output and status are above) or raise its timeout, then boot again; "
+             "hooks run in a view of the staged target before the commit, so a failed hook changed "
+             "nothing on disk",
+    "commit": "check that the file systems are writable and have free space; a commit that failed "
+              "before its commit point changed nothing, one that failed after it is finished by the "
+              "next boot",
     "switch": "check the plan's init path in the target",
 }
+
+NFS_HINT = ("check that the NFS server answers NFSv4 on that address and port from the guest "
+            "(under qemu's user networking the host is 10.0.2.2), that the path is exported "
+            "(ganesha's Pseudo path, or /etc/exports and exportfs -ra), and the mount's timeout")
 
 
 def load_report(what: str) -> dict:
@@ -87,6 +95,30 @@ def _patch_lines(details: dict) -> list[str]:
     return lines
 
 
+def _hook_lines(hook: dict) -> list[str]:
+    """A failed hook: how it ended, in words, and the end of its output."""
+    how: list[str] = []
+    if hook.get("timed_out"):
+        seconds = hook.get("seconds")
+        took = f"{seconds:.1f} s" if isinstance(seconds, (int, float)) else "its timeout"
+        how.append(f"ran past its timeout and was stopped after {took}")
+    if hook.get("signal_name") or hook.get("signal") is not None:
+        how.append(f"killed by {hook.get('signal_name') or hook.get('signal')}")
+    elif hook.get("exit_code") is not None:
+        how.append(f"exit status {hook.get('exit_code')}")
+    if hook.get("error"):
+        how.append(str(hook["error"]))
+    lines = [f"hook:         {hook.get('name')} ({hook.get('interpreter', '?')}): {'; '.join(how) or 'failed'}"]
+    output = str(hook.get("output") or "")
+    if output:
+        tail = output.splitlines()[-20:]
+        lines.append(f"  its output ({hook.get('output_bytes', len(output))} bytes, last {len(tail)} lines):")
+        lines += ["  | " + line for line in tail]
+    else:
+        lines.append("  it wrote no output")
+    return lines
+
+
 def explain(report: dict) -> tuple[str, int]:
     """The one-screen diagnosis and the exit code (0: nothing failed)."""
     outcome = report.get("outcome") or {}
@@ -117,13 +149,17 @@ def explain(report: dict) -> tuple[str, int]:
     if details.get("diagnosis") or details.get("rendered"):
         lines += _patch_lines(details)
     for hook in details.get("hooks", []):
-        if hook.get("exit_code") not in (0, None) or hook.get("timed_out") or hook.get("error"):
-            lines.append(f"hook {hook.get('name')}: exit {hook.get('exit_code')}, "
-                         f"timed out {hook.get('timed_out')}, {hook.get('error') or ''}")
-            lines += ["  | " + line for line in str(hook.get("output", "")).splitlines()[-20:]]
+        if hook.get("status") == "failed" or hook.get("exit_code") not in (0, None) \
+                or hook.get("timed_out") or hook.get("error"):
+            lines += _hook_lines(hook)
+    if details.get("committed") is False:
+        lines.append("changes:      none: nothing was committed, the file systems are as they were")
+    elif details.get("committed") is True:
+        lines.append("changes:      committed; the next boot finishes the commit (roll-forward)")
     lines.append(f"policy:       {outcome.get('policy', '?')} -> {outcome.get('outcome', 'no outcome record')}")
-    if stage in HINTS:
-        lines.append(f"what to do:   {HINTS[stage]}")
+    hint = NFS_HINT if stage == "mount" and details.get("fstype") == "nfs4" else HINTS.get(stage)
+    if hint:
+        lines.append(f"what to do:   {hint}")
     return "\n".join(lines), EXIT_FAILED
 
 

@@ -32,6 +32,16 @@ Here the agent is PID 1, so running a script must never endanger it:
 :func:`bind_api_mounts` makes /proc, /sys and /dev (recursive binds) and a fresh
 tmpfs on /run available inside the root for the duration of the stage.
 
+At boot the hooks are part of the plan's one transaction (:func:`run_hooks_staged`):
+they run before the commit, chrooted in a :class:`StagedView`, an overlayfs view of
+the target with the staged changes applied, whose upper layers are a tmpfs in the
+initramfs.  When every hook succeeded, their upper layers are read back into the
+transaction and committed with the plan's steps; when one fails or times out,
+nothing is committed and the disks are as they were.  A view rather than a snapshot
+of what a hook touches: nobody can say beforehand which files a hook will write, the
+overlay catches every write whoever makes it, and the target's disks see nothing
+until the commit, so a power cut while a hook runs costs nothing (docs/hooks.md).
+
 Standard library only; this module is part of the frozen agent.
 """
 from __future__ import annotations
@@ -894,3 +904,187 @@ def run_hooks(
             raise HookFailed(results)
     return results
 
+
+
+# ------------------------------------------------- hooks inside the transaction
+
+#: Mount options that keep an upper layer readable as plain files: no redirects (a
+#: renamed directory is copied up whole), no metadata-only copy-ups (every modified
+#: file holds its data), no index (nothing refers to the lower layers' inodes).
+OVERLAY_OPTIONS = "redirect_dir=off,metacopy=off,index=off"
+#: The guest directories :func:`bind_api_mounts` mounts on.
+API_MOUNT_POINTS = ("/proc", "/sys", "/dev", "/run")
+
+
+def _overlay_escape(path: Path) -> str:
+    """A path inside overlayfs's option string (``:`` separates layers, ``,`` options)."""
+    return "".join("\\" + c if c in "\\:," else c for c in str(path))
+
+
+def _read_only(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+@dataclass
+class ViewLayer:
+    """One file system of the view: its mount point (guest path) and overlay directories."""
+
+    fs: str
+    lower: Path       # the target's file system itself (mounted under the transaction's root)
+    staged: Path      # the transaction's staged changes for it, as a lower layer
+    upper: Path       # what the hooks change (tmpfs in the initramfs)
+    work: Path        # overlayfs's work directory (same file system as upper)
+    target: Path      # where the overlay is mounted inside the view
+    read_only: bool
+
+
+class StagedView:
+    """The target as it will be after the commit, writable, without touching the target.
+
+    One overlay per file system of the transaction (overlayfs does not look
+    into the mounts of its lower layer, so ``/etc`` on its own VBD gets its
+    own), mounted parents first under ``WORK/view``::
+
+        lowerdir = WORK/staged/N : <root>/<mount point>     (the staged changes over the disk)
+        upperdir = WORK/upper/N                               (what the hooks change)
+
+    A file system that is mounted read-only in the target is read-only in the
+    view too, so a hook gets EROFS exactly where it would on the real system.
+    After the hooks, :meth:`absorb` takes each upper layer into the transaction.
+    """
+
+    def __init__(self, txn, work: Path) -> None:
+        self.txn = txn
+        self.work = Path(work)
+        self.root = self.work / "view"
+        self.layers: list[ViewLayer] = []
+        self.mounted: list[Path] = []
+        #: Guest paths of API mount points that did not exist and are created in the
+        #: view (in an upper layer); :meth:`absorb` leaves them out.
+        self.created_mount_points: frozenset[str] = frozenset()
+
+    def mount(self) -> None:
+        """Build the layers and mount the overlays (undone again if a mount fails)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            for index, fs in enumerate(self.txn.file_systems()):
+                layer = ViewLayer(fs=fs, lower=self.txn.host(fs), staged=self.work / "staged" / str(index),
+                                  upper=self.work / "upper" / str(index), work=self.work / "work" / str(index),
+                                  target=self.root / fs.lstrip("/") if fs != "/" else self.root,
+                                  read_only=_read_only(self.txn.host(fs)))
+                self.txn.export_layer(fs, layer.staged)
+                for d in (layer.upper, layer.work):
+                    d.mkdir(parents=True, exist_ok=True)
+                st = layer.staged.stat()  # the merged root takes the upper's attributes: match the staged ones
+                os.chown(layer.upper, st.st_uid, st.st_gid)
+                os.chmod(layer.upper, st.st_mode & 0o7777)
+                if not layer.target.is_dir():
+                    raise HookError(f"cannot build the hooks' view: {fs} has no mount point in the view")
+                data = (f"lowerdir={_overlay_escape(layer.staged)}:{_overlay_escape(layer.lower)},"
+                        f"upperdir={_overlay_escape(layer.upper)},workdir={_overlay_escape(layer.work)},"
+                        f"{OVERLAY_OPTIONS}")
+                flags = sysc.MS_RDONLY if layer.read_only else 0
+                try:
+                    sysc.mount("supercharge-hooks", str(layer.target), "overlay", flags, data)
+                except OSError as exc:
+                    raise HookError(f"cannot mount the hooks' view of {fs} (overlayfs): "
+                                    f"{exc.strerror or exc}") from None
+                self.mounted.append(layer.target)
+                self.layers.append(layer)
+            created = set()
+            for guest in API_MOUNT_POINTS:
+                try:
+                    host = resolve_in_root(self.root, guest)
+                except UnsafePath:
+                    continue
+                if not os.path.lexists(host):
+                    created.add("/" + os.path.relpath(host, self.root))
+            self.created_mount_points = frozenset(created)
+        except BaseException:
+            self.unmount()
+            raise
+
+    def unmount(self) -> list[str]:
+        """Unmount the overlays, children first; returns the problems (never raises)."""
+        problems: list[str] = []
+        while self.mounted:
+            target = self.mounted.pop()
+            try:
+                sysc.umount(str(target))
+            except OSError:
+                try:
+                    sysc.umount(str(target), sysc.MNT_DETACH)
+                except OSError as exc:
+                    problems.append(f"{target}: {exc.strerror or exc}")
+        return problems
+
+    def absorb(self) -> list[str]:
+        """Take every upper layer into the transaction (after :meth:`unmount`); the guest paths staged.
+
+        Raises :class:`HookError` when a hook left something a transaction cannot
+        hold (a device node, a fifo, a socket).
+        """
+        from .transaction import TransactionError
+
+        if self.mounted:
+            raise HookError("the hooks' view is still mounted")
+        changed: list[str] = []
+        for layer in self.layers:
+            try:
+                changed += self.txn.absorb_layer(layer.fs, layer.upper,
+                                                 ignore_empty=self.created_mount_points)
+            except (TransactionError, OSError) as exc:
+                raise HookError(f"cannot take the hooks' changes into the transaction: {exc}") from None
+        return changed
+
+
+@contextmanager
+def staged_view(txn, work: Path) -> Iterator[StagedView]:
+    """Mount a :class:`StagedView` of transaction ``txn`` under ``work`` for the block.
+
+    ``txn`` is a :class:`guest_init.transaction.Transaction`.  The overlays are
+    unmounted on the way out, the layers under ``work`` are kept: the upper
+    layers hold the files :meth:`StagedView.absorb` stages by reference, so the
+    caller removes ``work`` after the commit.
+    """
+    view = StagedView(txn, work)
+    view.mount()
+    try:
+        yield view
+    finally:
+        problems = view.unmount()
+    if problems:
+        raise HookError("cannot unmount the hooks' view: " + "; ".join(problems))
+
+
+def run_hooks_staged(
+    txn,
+    hooks: Iterable[HookStep],
+    env: Mapping[str, str],
+    script_paths: Mapping[object, Path] | None = None,
+    *,
+    work: Path,
+    after_hooks=None,
+    **options,
+) -> tuple[list[HookResult], list[str]]:
+    """Run ``hooks`` in a view of ``txn``'s staged target; take their changes into ``txn``.
+
+    The all-or-nothing hooks: nothing reaches the target's disks here.  The hooks
+    run chrooted in :class:`StagedView` (with :func:`bind_api_mounts`), in order,
+    stopping at the first failure (:class:`HookFailed`, and ``txn`` is left as it
+    was); when every hook succeeded, what they changed is staged in ``txn``, to be
+    committed with the rest of the plan.  ``after_hooks`` (a callable, or None) is
+    called once the hooks ran, while the view is still mounted (the agent's
+    debugging pause).  ``options`` go to :func:`run_hooks`.  Returns the results
+    and the guest paths the hooks changed.
+    """
+    hooks = list(hooks)
+    with staged_view(txn, work) as view:
+        with bind_api_mounts(view.root):
+            results = run_hooks(view.root, hooks, env, script_paths, **options)
+        if after_hooks is not None:
+            after_hooks()
+    return results, view.absorb()

@@ -33,6 +33,13 @@ DEFAULT_INIT = "/sbin/init"
 DEFAULT_FSTYPE = "ext4"
 DEFAULT_OPTIONS = ("rw",)
 DEFAULT_MODE = 0o644
+NFS_FSTYPE = "nfs4"
+DEFAULT_NFS_PORT = 2049
+DEFAULT_NFS_TIMEOUT = 30.0
+#: NFS mount options the agent computes itself (``addr``, ``clientaddr``) or that the
+#: plan gives elsewhere (``port``): a second value in ``options`` would be ambiguous.
+NFS_RESERVED_OPTIONS = ("addr", "clientaddr", "port", "proto", "mountport", "mountaddr")
+NFS_VERSIONS = ("4", "4.0", "4.1", "4.2")
 
 _HEX = frozenset("0123456789abcdef")
 
@@ -104,17 +111,43 @@ class Overlay:
 
 
 @dataclass(frozen=True)
-class Mount:
-    """One file system to mount under the new root (``target`` is a guest path)."""
+class NfsExport:
+    """An NFSv4 export, mounted with the kernel's mount(2): there is no mount.nfs in the
+    initramfs, so ``server`` is an IPv4 address (nothing resolves a name for the kernel)."""
 
-    device: DeviceRef
+    server: str
+    path: str
+    port: int = DEFAULT_NFS_PORT
+    timeout: float = DEFAULT_NFS_TIMEOUT
+
+    def describe(self) -> str:
+        """The fstab-style spelling, ``10.0.2.2:/export/opt``; also the key in reports."""
+        return f"{self.server}:{self.path}"
+
+
+@dataclass(frozen=True)
+class Mount:
+    """One file system to mount under the new root (``target`` is a guest path).
+
+    ``device`` is a :class:`DeviceRef` for a block device, or the :class:`NfsExport`
+    of an NFS mount (both have ``describe()``, so reports and hooks name either).
+    """
+
+    device: DeviceRef | NfsExport
     target: str
     fstype: str = DEFAULT_FSTYPE
     options: tuple[str, ...] = DEFAULT_OPTIONS
     overlay: Overlay | None = None
 
+    @property
+    def nfs(self) -> NfsExport | None:
+        """The export when this is an NFS mount, else None."""
+        return self.device if isinstance(self.device, NfsExport) else None
+
     def devices(self) -> list[DeviceRef]:
-        """Every block device this mount needs."""
+        """Every block device this mount needs (none for NFS: the devices stage skips it)."""
+        if isinstance(self.device, NfsExport):
+            return []
         if self.overlay is None:
             return [self.device]
         return [*self.overlay.lower, *([self.overlay.upper] if self.overlay.upper else [])]
@@ -459,6 +492,8 @@ def _parse_device(value: object, where: str) -> DeviceRef:
 def _parse_mount(value: object, where: str) -> Mount:
     obj = expect_object(value, where)
     overlay = None
+    if "nfs" in obj:
+        return _parse_nfs_mount(obj, where)
     if "overlay" in obj:
         expect_keys(obj, where, ("overlay", "target"), ("options",))
         overlay = _parse_overlay(obj["overlay"], _join(where, "overlay"))
@@ -466,12 +501,7 @@ def _parse_mount(value: object, where: str) -> Mount:
     else:
         expect_keys(obj, where, ("device", "target"), ("fstype", "options"))
         device = _parse_device(obj["device"], _join(where, "device"))
-    raw_target = obj["target"]
-    target = expect_guest_path(raw_target, _join(where, "target"))
-    if target != raw_target:
-        raise PlanError(
-            _join(where, "target"), f"expected a normalised path ({_found(target)}), found {_found(raw_target)}"
-        )
+    target = _parse_target(obj, where)
     fstype = "overlay" if overlay else expect_str(obj.get("fstype", DEFAULT_FSTYPE), _join(where, "fstype"))
     options: tuple[str, ...] = DEFAULT_OPTIONS
     if "options" in obj:
@@ -480,6 +510,87 @@ def _parse_mount(value: object, where: str) -> Mount:
             raise PlanError(_join(where, "options"), f"expected a list of strings, found {_found(raw)}")
         options = tuple(expect_str(o, f"{where}.options[{i}]") for i, o in enumerate(raw))
     return Mount(device=device, target=target, fstype=fstype, options=options, overlay=overlay)
+
+
+def _parse_target(obj: dict[str, Any], where: str) -> str:
+    raw_target = obj["target"]
+    target = expect_guest_path(raw_target, _join(where, "target"))
+    if target != raw_target:
+        raise PlanError(
+            _join(where, "target"), f"expected a normalised path ({_found(target)}), found {_found(raw_target)}"
+        )
+    return target
+
+
+def _parse_nfs_mount(obj: dict[str, Any], where: str) -> Mount:
+    """``{"nfs": {"server", "path", "port"?, "timeout"?}, "target", "fstype"? ("nfs4"), "options"?}``.
+
+    Only NFSv4: v2/v3 need rpcbind and the MOUNT protocol (mount.nfs), which the
+    initramfs does not have.  Options the agent sets itself are refused here, so a
+    plan cannot say two different things about the server's address or port.
+    """
+    expect_keys(obj, where, ("nfs", "target"), ("fstype", "options"))
+    export = _parse_nfs_export(obj["nfs"], _join(where, "nfs"))
+    target = _parse_target(obj, where)
+    fstype = obj.get("fstype", NFS_FSTYPE)
+    if fstype != NFS_FSTYPE:
+        raise PlanError(_join(where, "fstype"),
+                        f'expected "nfs4" for an NFS mount (NFSv2/3 need rpcbind and mount.nfs, which the '
+                        f"initramfs does not have), found {_found(fstype)}")
+    options: tuple[str, ...] = DEFAULT_OPTIONS
+    if "options" in obj:
+        raw = obj["options"]
+        if not isinstance(raw, list):
+            raise PlanError(_join(where, "options"), f"expected a list of strings, found {_found(raw)}")
+        options = tuple(_expect_nfs_option(o, f"{where}.options[{i}]") for i, o in enumerate(raw))
+    return Mount(device=export, target=target, fstype=NFS_FSTYPE, options=options)
+
+
+def _parse_nfs_export(value: object, where: str) -> NfsExport:
+    import ipaddress  # only plans with NFS mounts pay for it
+
+    obj = expect_object(value, where)
+    expect_keys(obj, where, ("server", "path"), ("port", "timeout"))
+    server = expect_str(obj["server"], _join(where, "server"))
+    try:
+        addr = ipaddress.IPv4Address(server)
+    except ValueError:
+        raise PlanError(_join(where, "server"),
+                        f'expected an IPv4 address like "10.0.2.2" (the kernel mounts by address; no name is '
+                        f"resolved in the initramfs), found {_found(server)}") from None
+    if addr.is_unspecified or addr.is_multicast or addr == ipaddress.IPv4Address("255.255.255.255"):
+        raise PlanError(_join(where, "server"), f"expected a unicast address, found {_found(server)}")
+    raw_path = obj["path"]
+    path = expect_guest_path(raw_path, _join(where, "path"))
+    if path != raw_path:
+        raise PlanError(_join(where, "path"),
+                        f"expected a normalised export path ({_found(path)}), found {_found(raw_path)}")
+    if any(c in path for c in ",\n"):
+        raise PlanError(_join(where, "path"), f"expected a path without ',' or newlines, found {_found(path)}")
+    port = obj.get("port", DEFAULT_NFS_PORT)
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise PlanError(_join(where, "port"), f"expected a TCP port from 1 to 65535, found {_found(port)}")
+    timeout = obj.get("timeout", DEFAULT_NFS_TIMEOUT)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 3600:
+        raise PlanError(_join(where, "timeout"),
+                        f"expected seconds more than 0 and at most 3600, found {_found(timeout)}")
+    return NfsExport(server=str(addr), path=path, port=port, timeout=float(timeout))
+
+
+def _expect_nfs_option(value: object, where: str) -> str:
+    """One option per string; the agent joins them, so a ',' would smuggle in a second one."""
+    opt = expect_str(value, where)
+    if "," in opt or any(ord(c) < 32 for c in opt):
+        raise PlanError(where, f"expected one option per string (no ',' or control characters), found {_found(opt)}")
+    key, _, val = opt.partition("=")
+    if key in NFS_RESERVED_OPTIONS:
+        given = "by nfs.port" if key == "port" else "by the agent"
+        raise PlanError(where, f"{key}= is set {given}; remove it from options")
+    if key in ("vers", "nfsvers") and val not in NFS_VERSIONS:
+        raise PlanError(where, f"expected vers=4, 4.0, 4.1 or 4.2 (only NFSv4 is mounted), found {_found(opt)}")
+    if key == "minorversion" and val not in ("0", "1", "2"):
+        raise PlanError(where, f"expected minorversion=0, 1 or 2, found {_found(opt)}")
+    return opt
 
 
 def _parse_overlay(value: object, where: str) -> Overlay:
@@ -570,6 +681,11 @@ def _validate(doc: object) -> Plan:
         mounts.append(mount)
     if "/" not in targets:
         raise PlanError("mounts", 'expected exactly one mount with target "/", found none')
+    for i, mount in enumerate(mounts):
+        # The network stage runs only when the plan has a network section (see stages.network).
+        if mount.nfs is not None and network is None:
+            raise PlanError(f"mounts[{i}].nfs", 'an NFS mount needs the network: add a "network" section '
+                                                "(interfaces, addresses or DHCP; see network.md)")
 
     raw_steps = obj.get("steps", [])
     if not isinstance(raw_steps, list):

@@ -1,4 +1,9 @@
-"""The agent's stages, in boot order: early, modules, devices, mount, apply, switch.
+"""The agent's stages, in boot order: early, modules, network, devices, mount, fetch, apply,
+hooks, commit, then switch.
+
+Nothing reaches the disks before ``commit``: ``apply`` stages the steps, ``hooks``
+runs the hooks on a view of the staged target, and ``commit`` writes everything
+(steps, hooks' changes, the applied record) as one transaction.
 
 Each stage is a function taking the shared :class:`BootContext`; it returns the
 details for its report record or raises :class:`StageFailed` (or any
@@ -16,6 +21,10 @@ from pathlib import Path
 
 from . import sysc
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # pragma: no cover - typing is not imported at run time (start-up cost)
+    from collections.abc import Callable
+
 PLAN_PATH = Path("/etc/supercharge/plan.json")
 PLAN_SIG_PATH = Path("/etc/supercharge/plan.json.minisig")
 TRUST_CONFIG = Path("/etc/supercharge/trust.json")
@@ -29,6 +38,7 @@ RUN_DIR = Path("/run/supercharge")
 LAYERS = Path("/run/supercharge-layers")
 ARTIFACTS = RUN_DIR / "artifacts"
 SCRATCH = RUN_DIR / "scratch"
+HOOK_WORK = RUN_DIR / "hooks"   # the hooks' overlay view: staged and upper layers (tmpfs)
 CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 APPLIED_RECORD = "/var/lib/supercharge/applied.json"
 MAX_ARTIFACT = 1 << 30
@@ -59,6 +69,11 @@ class BootContext:
     converged: bool = False
     committed: bool = False
     hooks_started: bool = False
+    txn: object | None = None            # guest_init.transaction.Transaction: apply stages, commit commits
+    #: Called with the name of a point of the apply/hooks/commit stages when it is reached
+    #: (``staged``, ``hooks``, ``prepared``, ``marked``, ``renamed``, ``committed``); the agent's
+    #: debugging pause (``supercharge.pause=`` on the kernel command line).
+    checkpoint: Callable[[str], None] | None = None
 
 
 def _mount_if_needed(source: str, target: str, fstype: str, flags: int = 0, data: str | None = None) -> None:
@@ -159,6 +174,8 @@ def _wanted_filesystems(ctx: BootContext) -> set[str]:
     if not plan:
         return set()
     types = {m.fstype for m in plan.mounts} | {m.overlay.fstype for m in plan.mounts if m.overlay}
+    if any(step.op == "hook" for step in plan.steps):
+        types.add("overlay")   # hooks run in an overlay view of the staged target
     return {FSTYPE_MODULES.get(t, t) for t in types}
 
 
@@ -241,11 +258,16 @@ def mount(ctx: BootContext) -> dict:
     """Mount the root under /sysroot, then the others beneath it, shallowest first."""
     plan = ctx.plan
     SYSROOT.mkdir(exist_ok=True)
-    done = []
+    done: list[dict] = []
     for m in plan.mount_order():
         where = SYSROOT if m.target == "/" else SYSROOT / m.target.lstrip("/")
         if m.overlay is not None:
             done.append(_mount_overlay(ctx, m, where, len(done)))
+            ctx.mounted.append(str(where))
+            ctx.root_mounted = ctx.root_mounted or m.target == "/"
+            continue
+        if m.nfs is not None:
+            done.append(_mount_nfs(ctx, m, where))
             ctx.mounted.append(str(where))
             ctx.root_mounted = ctx.root_mounted or m.target == "/"
             continue
@@ -265,6 +287,155 @@ def mount(ctx: BootContext) -> dict:
         done.append({"device": device, "ref": m.device.describe(), "target": m.target,
                      "fstype": m.fstype, "options": m.options})
     return {"mounts": done}
+
+
+#: errnos after which another NFS mount attempt may succeed: the server is still
+#: starting (refused, reset), or a path to it is not there yet.  Anything else (no such
+#: export, access denied, bad options) will not change by waiting.
+_NFS_RETRY = frozenset({errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED, errno.ETIMEDOUT,
+                        errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN, errno.ENETDOWN,
+                        errno.EAGAIN, errno.EIO})
+#: Minor versions tried, newest first, when the plan does not choose (what mount.nfs does).
+_NFS_NEGOTIATE = ("4.2", "4.1", "4.0")
+_NFS_CLIENT_ID = Path("/sys/fs/nfs/net/nfs_client/identifier")
+
+
+class _NfsNoAnswer(OSError):
+    """The deadline came while mount(2) was still waiting for the server.
+
+    Its own class because a kernel ETIMEDOUT (the RPC layer gave up) is a
+    TimeoutError too, and that one may be retried.
+    """
+
+
+def _nfs_client_address(server: str, port: int) -> str:
+    """The local address on the route to ``server``, as the network stage configured it.
+
+    A connected UDP socket makes the kernel choose the route and source address
+    without sending anything; that is the ``clientaddr`` NFSv4.0 callbacks need.
+    """
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.connect((server, port))
+        return sock.getsockname()[0]
+
+
+def _nfs_client_id(ctx: BootContext) -> str | None:
+    """Give this client a unique NFSv4 identity before its first mount.
+
+    In the initramfs every guest's hostname is "(none)", so without a uniquifier
+    two domains mounting from one server would present the same client id and
+    take each other's state.  The domain's name is unique on the server's side.
+    An identifier already set (nfs.nfs4_unique_id= on the kernel command line) is kept.
+    """
+    try:
+        current = _NFS_CLIENT_ID.read_text().strip()
+        if current and current != "(null)":   # the kernel shows an unset identifier as "(null)"
+            return current
+        _NFS_CLIENT_ID.write_text(ctx.plan.name)
+        return ctx.plan.name
+    except OSError:
+        return None
+
+
+def _nfs_attempt(source: str, where: Path, flags: int, data: str, wait: float) -> OSError | None:
+    """One mount(2) that the caller stops waiting for after ``wait`` seconds.
+
+    The kernel's NFS mount can block for minutes (timeo x retrans) when the server
+    does not answer; running it in a thread lets the stage keep its deadline.
+    Returns None when mounted, else the OSError (:class:`_NfsNoAnswer` when still waiting).
+    """
+    import threading
+
+    outcome: list[OSError | None] = []
+
+    def attempt() -> None:
+        try:
+            sysc.mount(source, str(where), "nfs4", flags, data)
+            outcome.append(None)
+        except OSError as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=attempt, name="nfs-mount", daemon=True)
+    thread.start()
+    thread.join(max(wait, 0.0))
+    if not outcome:
+        return _NfsNoAnswer(errno.ETIMEDOUT, "no answer (the mount is still waiting in the kernel)")
+    return outcome[0]
+
+
+def _mount_nfs(ctx: BootContext, m, where: Path) -> dict:
+    """Mount an NFSv4 export with mount(2) directly: no mount.nfs in the initramfs.
+
+    The kernel's text options then need what mount.nfs would have added:
+    ``addr=`` (the server's address), ``clientaddr=`` (ours), ``vers=4.x``, and
+    ``port=`` when it is not 2049.  Attempts are retried until the export's
+    ``timeout`` while the server refuses or does not answer (it may still be starting).
+    """
+    nfs = m.nfs
+    source = nfs.describe()
+    base = {"device": source, "server": nfs.server, "path": nfs.path, "port": nfs.port,
+            "target": m.target, "fstype": "nfs4", "options": list(m.options), "timeout": nfs.timeout}
+    if not where.is_dir():
+        raise StageFailed(f"mount point {m.target} does not exist in the root file system", base)
+    started = time.monotonic()
+    deadline = started + nfs.timeout
+    try:
+        clientaddr = _nfs_client_address(nfs.server, nfs.port)
+    except OSError as exc:
+        raise StageFailed(f"cannot mount NFS export {source} on {m.target}: no route to {nfs.server} "
+                          f"({exc.strerror}); check the plan's network section",
+                          {**base, "errno": exc.errno, "errno_name": errno.errorcode.get(exc.errno or 0)}) from None
+    client_id = _nfs_client_id(ctx)
+    flags, extra = _mount_flags(list(m.options))
+    chosen = [o for o in m.options if o.partition("=")[0] in ("vers", "nfsvers", "minorversion")]
+    versions = [None] if chosen else list(_NFS_NEGOTIATE)
+    common = f"addr={nfs.server},clientaddr={clientaddr}" + (f",port={nfs.port}" if nfs.port != 2049 else "")
+    attempts = 0
+    delay = 0.25
+    seen: dict[str, int] = {}       # what each failed attempt got, in order of first appearance
+    first_real: OSError | None = None
+    while True:
+        version = versions[0]
+        data = ",".join(x for x in (extra, f"vers={version}" if version else None, common) if x)
+        attempts += 1
+        error = _nfs_attempt(source, where, flags, data, deadline - time.monotonic())
+        if error is None:
+            return {**base, "clientaddr": clientaddr, "data": data, "attempts": attempts,
+                    "version": version or chosen[-1].partition("=")[2], "client_id": client_id,
+                    "errors": seen, "seconds": round(time.monotonic() - started, 3)}
+        label = _nfs_error_text(error)
+        seen[label] = seen.get(label, 0) + 1
+        if not isinstance(error, _NfsNoAnswer):
+            first_real = first_real or error
+        if error.errno == errno.EPROTONOSUPPORT and len(versions) > 1:
+            versions.pop(0)          # the server lacks this minor version: the next one, at once
+            continue
+        if isinstance(error, _NfsNoAnswer) or error.errno not in _NFS_RETRY:
+            break
+        if time.monotonic() + delay >= deadline:
+            break
+        time.sleep(delay)
+        delay = min(delay * 2, 2.0)
+    seconds = time.monotonic() - started
+    # The kernel's own errno explains more than "no answer by the deadline" does.
+    cause = error if first_real is None or not isinstance(error, _NfsNoAnswer) else first_real
+    name = errno.errorcode.get(cause.errno or 0, "?")
+    tried = ", ".join(f"{text} x{count}" if count > 1 else text for text, count in seen.items())
+    raise StageFailed(f"cannot mount NFS export {source} (port {nfs.port}) on {m.target}: "
+                      f"{_nfs_error_text(cause)} (after {attempts} attempt{'s' if attempts != 1 else ''} "
+                      f"in {seconds:.1f} s: {tried})",
+                      {**base, "errno": cause.errno, "errno_name": name, "errors": seen, "attempts": attempts,
+                       "last_error": _nfs_error_text(error), "clientaddr": clientaddr, "data": data,
+                       "seconds": round(seconds, 3)})
+
+
+def _nfs_error_text(error: OSError) -> str:
+    """``Connection refused [ECONNREFUSED]``: the words for people, the name for scripts."""
+    if isinstance(error, _NfsNoAnswer):
+        return "no answer by the deadline"
+    return f"{os.strerror(error.errno or 0)} [{errno.errorcode.get(error.errno or 0, '?')}]"
 
 
 def network(ctx: BootContext) -> dict:
@@ -405,24 +576,28 @@ def _mount_overlay(ctx: BootContext, m, where: Path, index: int) -> dict:
             "upper": m.overlay.upper.describe() if m.overlay.upper else "tmpfs"}
 
 
+def _checkpoint(ctx: BootContext, point: str) -> None:
+    if ctx.checkpoint is not None:
+        ctx.checkpoint(point)
+
+
 def apply(ctx: BootContext) -> dict:
-    """Stage every step in a transaction, then commit it at once (all or nothing).
+    """Stage every step in a transaction; nothing reaches the target's disks here.
 
     A crash during an earlier commit is finished (or undone) first.  A plan
     whose digest the target already records is not applied again: the boot
-    converges instead of failing on "already there".
+    converges instead of failing on "already there".  The hooks stage adds the
+    hooks' changes to the same transaction and the commit stage commits it.
     """
-    import json
-
     from .steps import StepFailed, apply_step
-    from .transaction import Transaction, TransactionError, recover
+    from .transaction import Transaction, recover
 
     plan = ctx.plan
     mounts = [m.target for m in plan.mounts]
     recovered = recover(SYSROOT, mounts)
     if _already_applied(ctx):
         return {"converged": True, "plan_digest": plan.digest, "recovered": recovered}
-    txn = Transaction(SYSROOT, mounts)
+    txn = Transaction(SYSROOT, mounts, checkpoint=ctx.checkpoint)
     for index, step in enumerate(plan.steps):
         if step.op == "hook":
             continue
@@ -435,52 +610,86 @@ def apply(ctx: BootContext) -> dict:
                                "committed": False}) from None
         details.update(step=index, op=step.op, duration=round(time.monotonic() - started, 4))
         ctx.applied.append(details)
-    try:
-        summary = txn.commit()
-    except (TransactionError, OSError) as exc:
-        raise StageFailed(f"commit failed, nothing changed: {exc}", {"staged": ctx.applied}) from None
-    ctx.committed = bool(summary.get("files") or summary.get("deleted"))
-    return {"steps": ctx.applied, "commit": summary, "recovered": recovered}
+    ctx.txn = txn
+    _checkpoint(ctx, "staged")
+    return {"steps": ctx.applied, "staged": len(txn.changes), "recovered": recovered}
 
 
 def hooks(ctx: BootContext) -> dict:
-    """Run the post-processing scripts chrooted in the target, then record the plan as applied."""
+    """Run the post-processing scripts chrooted in a view of the staged target, before the commit.
+
+    The view is an overlay per file system (guest_init.hooks.StagedView): the
+    hooks see every staged change and may change anything, but what they write
+    goes to a tmpfs in the initramfs.  When every hook succeeded their changes
+    join the plan's transaction; when one fails or times out nothing of the
+    plan (and nothing a hook wrote) reaches the disks.
+    """
     plan = ctx.plan
-    steps = [s for s in plan.steps if s.op == "hook"]
     if ctx.converged:
         return {"hooks": [], "converged": True}
-    results: list[dict] = []
-    if steps:
-        from .hooks import HookError, HookFailed, bind_api_mounts, hook_environment, run_hooks
+    steps = [s for s in plan.steps if s.op == "hook"]
+    if not steps:
+        return {"hooks": []}
+    from .hooks import HookError, HookFailed, hook_environment, run_hooks_staged
 
-        ctx.hooks_started = True
-        scripts = {s.name: ctx.artifacts[i] for i, s in enumerate(plan.steps)
-                   if s.op == "hook" and i in ctx.artifacts}
-        try:
-            with bind_api_mounts(SYSROOT):
-                done = run_hooks(SYSROOT, steps, hook_environment(plan), scripts)
-        except HookFailed as exc:
-            raise StageFailed(str(exc), {"hooks": [r.to_record() for r in exc.results]}) from None
-        except HookError as exc:
-            raise StageFailed(str(exc)) from None
-        results = [r.to_record() for r in done]
-    recorded = _record_applied(ctx) if plan.steps else None
-    return {"hooks": results, "recorded": recorded}
+    ctx.hooks_started = True
+    scripts = {s.name: ctx.artifacts[i] for i, s in enumerate(plan.steps)
+               if s.op == "hook" and i in ctx.artifacts}
+    try:
+        done, changed = run_hooks_staged(ctx.txn, steps, hook_environment(plan), scripts, work=HOOK_WORK,
+                                         after_hooks=lambda: _checkpoint(ctx, "hooks"))
+    except HookFailed as exc:
+        raise StageFailed(f"{exc}; nothing was committed",
+                          {"hooks": [r.to_record() for r in exc.results], "committed": False}) from None
+    except HookError as exc:
+        raise StageFailed(f"{exc}; nothing was committed", {"committed": False}) from None
+    return {"hooks": [r.to_record() for r in done], "changed": changed}
 
 
-def _record_applied(ctx: BootContext) -> str | None:
-    """Mark the plan applied (after its hooks succeeded), atomically, for convergence."""
+def commit(ctx: BootContext) -> dict:
+    """Commit the plan's steps, the hooks' changes and the applied record at once."""
+    import shutil
+
+    from .transaction import TransactionError
+
+    if ctx.converged:
+        return {"converged": True}
+    txn = ctx.txn
+    recorded = _stage_applied_record(ctx) if ctx.plan.steps else None
+    try:
+        summary = txn.commit()
+    except (TransactionError, OSError) as exc:
+        ctx.committed = txn.marked
+        if txn.marked:
+            raise StageFailed(f"commit interrupted after its commit point: {exc}; the next boot finishes it",
+                              {"committed": True}) from None
+        raise StageFailed(f"commit failed, nothing changed: {exc}", {"committed": False}) from None
+    ctx.committed = bool(summary["file_systems"])
+    shutil.rmtree(HOOK_WORK, ignore_errors=True)
+    _checkpoint(ctx, "committed")
+    return {"commit": summary, "recorded": recorded}
+
+
+def _stage_applied_record(ctx: BootContext) -> str | None:
+    """Add "this plan is applied" to the transaction, so it is committed with the plan or not at all.
+
+    Only where it can be written: a read-only target keeps the personality but
+    loses convergence (the next boot applies the plan again).
+    """
     import json
 
-    from .transaction import Transaction, TransactionError
+    from .transaction import TransactionError
 
-    txn = Transaction(SYSROOT, [m.target for m in ctx.plan.mounts])
-    doc = {"plan_digest": ctx.plan.digest, "name": ctx.plan.name, "uptime": time.clock_gettime(time.CLOCK_BOOTTIME)}
+    txn = ctx.txn
     try:
+        guest = txn.guest(APPLIED_RECORD)
+        if os.statvfs(txn.host(txn.mount_of(guest))).f_flag & os.ST_RDONLY:
+            return None
+        doc = {"plan_digest": ctx.plan.digest, "name": ctx.plan.name,
+               "uptime": round(time.clock_gettime(time.CLOCK_BOOTTIME), 3)}
         txn.write(APPLIED_RECORD, json.dumps(doc, sort_keys=True).encode() + b"\n", mode=0o644, uid=0, gid=0)
-        txn.commit()
     except (TransactionError, OSError):
-        return None   # a read-only target: the personality is applied, only convergence is lost
+        return None
     return APPLIED_RECORD
 
 

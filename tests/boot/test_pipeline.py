@@ -1,6 +1,7 @@
 """The guest pipeline for real: DHCP, fetch over HTTP from dom0, copy, patch, extract, hook,
-all committed at once; a second boot converges; a patch that does not fit changes nothing and
-is diagnosed from dom0.
+all committed at once; a second boot converges; a patch that does not fit, a hook that fails
+and a hook that hangs past its timeout each change nothing (checked file by file from dom0) and
+are diagnosed from dom0.
 
 The HTTP server listens on 127.0.0.1; the guest reaches it as 10.0.2.2 (qemu user networking).
 """
@@ -155,7 +156,9 @@ def test_pipeline_applies_everything_then_converges(tmp_path, kernel, served, si
     assert [s["op"] for s in apply["details"]["steps"]] == ["replace", "copy", "patch", "extract"]
     hooks = _record(report, "hooks")
     assert hooks["details"]["hooks"][0]["exit_code"] == 0
-    assert hooks["details"]["recorded"] == "/var/lib/supercharge/applied.json"
+    assert hooks["details"]["changed"] == ["/etc/hook-ran"]
+    commit = _record(report, "commit")
+    assert commit["status"] == "ok" and commit["details"]["recorded"] == "/var/lib/supercharge/applied.json"
 
     # The same plan again on the same disk: nothing applied twice, nothing fails.
     code, report, console = _boot(tmp_path, cfg, "web1")
@@ -232,19 +235,77 @@ def test_fetch_failures_change_nothing_and_are_diagnosed(tmp_path, kernel, serve
         else "attempts:" in text
 
 
-def test_hook_past_its_timeout_is_stopped_and_reported(tmp_path, kernel, served, signing_keys):
+def _files(image: Path, tmp: Path) -> dict[str, tuple]:
+    """Every entry of the file system in ``image``, as dom0 sees it after the guest stopped: kind,
+    mode, owner, mtime, ctime and a SHA-256 of the content (or the link target).
+
+    Read from a loop-mounted copy, so the journal the guest left is replayed without touching
+    ``image`` itself.  Two equal results mean not one file, directory or attribute changed.
+    """
+    copy = tmp / f"look-{image.name}"
+    shutil.copyfile(image, copy)
+    mnt = tmp / f"mnt-{image.name}"
+    mnt.mkdir(exist_ok=True)
+    subprocess.run(["mount", "-o", "loop", str(copy), str(mnt)], check=True, capture_output=True)
+    out: dict[str, tuple] = {}
+    try:
+        for path in sorted(mnt.rglob("*")):
+            st = path.lstat()
+            meta = (oct(st.st_mode), st.st_uid, st.st_gid, st.st_mtime_ns, st.st_ctime_ns)
+            if path.is_symlink():
+                body = path.readlink().as_posix()
+            elif path.is_file():
+                body = hashlib.sha256(path.read_bytes()).hexdigest()
+            else:
+                body = None
+            out[path.relative_to(mnt).as_posix()] = (body, *meta)
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True, capture_output=True)
+        copy.unlink()
+    return out
+
+
+@pytest.mark.parametrize("fault", ["fails", "hangs"])
+def test_a_failed_or_hung_hook_changes_nothing_and_is_diagnosed(tmp_path, kernel, served, signing_keys, fault):
+    """The hook runs after every other step was staged, changes files itself, then fails (exit 3)
+    or runs past its timeout: nothing of the plan and nothing the hook wrote reaches the disk."""
     served_dir, port = served
     disk = _root_image(tmp_path)
+    before = _files(disk, tmp_path)
     plan = _plan(served_dir, port, "hosts.patch")
-    plan["steps"][4] = {"op": "hook", "name": "stuck", "script": "echo starting\nsleep 600\n", "timeout": 3}
-    cfg = _domain(tmp_path, kernel, signing_keys, plan, "web-hang", disk)
+    ending = ('echo "cannot reach the license server" >&2\nexit 3\n' if fault == "fails"
+              else 'echo "waiting for the license server"\nsleep 600\n')
+    name = "license" if fault == "fails" else "stuck"
+    plan["steps"][4] = {"op": "hook", "name": name, "timeout": 3, "script": (
+        'echo "hostname is $(cat /etc/hostname)"\n'
+        "echo hacked > /etc/hostname\nrm /etc/hosts\nmkdir -p /var/lib/license\n"
+        "echo partial > /opt/app/version\n" + ending)}
+    domain = f"web-hook-{fault}"
+    cfg = _domain(tmp_path, kernel, signing_keys, plan, domain, disk)
 
-    code, report, console = _boot(tmp_path, cfg, "web-hang")
+    code, report, console = _boot(tmp_path, cfg, domain)
 
     assert code == 1 and "Kernel panic" not in console and "pipe-init" not in console
+    apply = _record(report, "apply")
+    assert apply["status"] == "ok" and apply["details"]["staged"] == 4
     hooks = _record(report, "hooks")
-    assert hooks["status"] == "failed"
-    (stuck,) = hooks["details"]["hooks"]
-    assert stuck["timed_out"] is True and "starting" in stuck["output"]
-    text = _diagnose(tmp_path, "web-hang")
-    assert "failed stage: hooks" in text and "stuck" in text
+    assert hooks["status"] == "failed" and hooks["details"]["committed"] is False
+    (hook,) = hooks["details"]["hooks"]
+    assert hook["output"].startswith("hostname is web1\n")      # it saw the staged personality
+    if fault == "fails":
+        assert hook["exit_code"] == 3 and not hook["timed_out"]
+        assert "cannot reach the license server" in hook["output"]
+    else:
+        assert hook["timed_out"] is True and hook["signal_name"] == "SIGTERM"
+        assert "waiting for the license server" in hook["output"]
+    assert not [r for r in report["records"] if r["stage"] == "commit"]
+    assert report["outcome"]["outcome"] == "halted"
+    # From dom0, after the guest stopped: every file as it was, the hook's writes included.
+    assert _files(disk, tmp_path) == before
+
+    text = _diagnose(tmp_path, domain)
+    assert "failed stage: hooks" in text and f"hook:         {name} (/bin/sh)" in text
+    assert ("exit status 3" in text and "cannot reach the license server" in text) if fault == "fails" \
+        else ("ran past its timeout" in text and "killed by SIGTERM" in text and "waiting for the license" in text)
+    assert "nothing was committed, the file systems are as they were" in text
+    assert "what to do:" in text

@@ -26,8 +26,10 @@ from guest_init.hooks import (
     hook_environment,
     run_hook,
     run_hooks,
+    run_hooks_staged,
 )
 from guest_init.plan import Artifact, HookStep, validate_plan
+from guest_init.transaction import TXN_DIR, Transaction, recover
 
 pytestmark = pytest.mark.integration
 
@@ -401,3 +403,223 @@ def test_bind_api_mounts_creates_missing_points_and_unmounts_on_error(tmp_path: 
         raise RuntimeError("a failing body")
     assert mounts_under(bare) == []
     assert sorted(p.name for p in bare.iterdir()) == ["bin", "dev", "proc", "run", "sys"]
+
+
+
+# ------------------------------------------- hooks in a view of the staged transaction
+
+VIEW_APPLETS = ("rm", "mkdir", "ln", "chmod", "chown", "mv", "touch", "test", "mkfifo", "stat")
+
+
+def snapshot(root: Path) -> dict[str, tuple]:
+    """Every entry below ``root`` on its own file system or the ones mounted in it: kind, mode,
+    owner, mtime, and the content (files) or target (symlinks).  Equal snapshots: nothing changed."""
+    out: dict[str, tuple] = {}
+    for dirpath, dirs, files in os.walk(root):
+        for name in sorted(dirs + files):
+            path = Path(dirpath) / name
+            st = path.lstat()
+            key = path.relative_to(root).as_posix()
+            meta = (st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns)
+            if path.is_symlink():
+                out[key] = ("link", os.readlink(path), *meta)
+            elif path.is_file():
+                out[key] = ("file", path.read_bytes(), *meta)
+            else:
+                out[key] = ("other", *meta)
+    return out
+
+
+@pytest.fixture
+def target(tmp_path: Path):
+    """A busybox root with /etc on a file system of its own (a tmpfs), as with an /etc VBD."""
+    top = make_root(tmp_path / "target", dirs=("etc", "tmp", "root"))
+    for d in ("opt/app/old", "var/lib"):
+        (top / d).mkdir(parents=True)
+    for applet in VIEW_APPLETS:
+        (top / "bin" / applet).symlink_to("busybox")
+    (top / "opt/app/old/data").write_text("old data\n")
+    (top / "opt/app/keep").write_text("keep\n")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0755", "sc-test-etc", str(top / "etc")], check=True)
+    try:
+        (top / "etc/hostname").write_text("unconfigured\n")
+        (top / "etc/hosts").write_text("127.0.0.1 localhost\n")
+        (top / "etc/obsolete").write_text("remove me\n")
+        yield top
+    finally:
+        subprocess.run(["umount", "-l", str(top / "etc")], check=False)
+
+
+def staged_txn(top: Path) -> Transaction:
+    txn = Transaction(top, ["/", "/etc"])
+    txn.write("/etc/hostname", b"web1\n")
+    txn.write("/opt/app/version", b"2.1\n", mode=0o640)
+    txn.delete("/etc/obsolete")
+    return txn
+
+
+def test_hooks_see_the_staged_target_and_their_changes_join_the_transaction(target: Path,
+                                                                           tmp_path: Path) -> None:
+    before = snapshot(target)
+    txn = staged_txn(target)
+    step = hook("""\
+        set -e
+        echo "hostname=$(cat /etc/hostname) version=$(cat /opt/app/version)"
+        test ! -e /etc/obsolete && echo obsolete-gone
+        test -e /proc/self/status && test -c /dev/null && echo api-ok
+        echo 10.0.0.2 db >> /etc/hosts
+        echo hooked > /etc/hook-ran
+        rm -rf /opt/app/old
+        rm /opt/app/keep
+        ln -s ../etc/hostname /opt/app/link
+        mkdir -p /var/lib/app/cache
+        chmod 0700 /var/lib/app
+        chown 12:34 /opt/app/version
+        chmod 0600 /etc/hostname
+        echo scratch > /run/not-kept
+        """, name="configure")
+
+    results, changed = run_hooks_staged(txn, [step], {"SUPERCHARGE_DOMAIN": "web1"}, work=tmp_path / "work")
+
+    assert results[0].ok, results[0]
+    assert results[0].output == "hostname=web1 version=2.1\nobsolete-gone\napi-ok\n"
+    assert sorted(changed) == ["/etc/hook-ran", "/etc/hostname", "/etc/hosts", "/opt/app/keep",
+                               "/opt/app/link", "/opt/app/old", "/opt/app/version", "/var/lib/app",
+                               "/var/lib/app/cache"]
+    assert snapshot(target) == before                          # nothing on disk before the commit
+    assert mounts_under(tmp_path / "work") == []               # the view is gone
+    assert not (target / "proc").exists() and not (target / "run").exists()
+
+    summary = txn.commit()
+
+    assert summary["file_systems"] == ["/", "/etc"]
+    assert (target / "etc/hostname").read_text() == "web1\n"
+    assert (target / "etc/hostname").stat().st_mode & 0o777 == 0o600
+    assert (target / "etc/hosts").read_text() == "127.0.0.1 localhost\n10.0.0.2 db\n"
+    assert (target / "etc/hook-ran").read_text() == "hooked\n"
+    assert not (target / "etc/obsolete").exists()
+    version = (target / "opt/app/version").stat()
+    assert (version.st_uid, version.st_gid, version.st_mode & 0o777) == (12, 34, 0o640)
+    assert not (target / "opt/app/old").exists() and not (target / "opt/app/keep").exists()
+    assert os.readlink(target / "opt/app/link") == "../etc/hostname"
+    assert (target / "var/lib/app").stat().st_mode & 0o777 == 0o700
+    assert (target / "var/lib/app/cache").is_dir()
+    for fs in (target, target / "etc"):
+        assert not (fs / TXN_DIR).exists()
+    # Neither the API mount points the view needed nor the hook's /run reached the disk.
+    assert not any((target / d).exists() for d in ("proc", "sys", "dev", "run"))
+
+
+@pytest.mark.parametrize("how", ["fails", "hangs"])
+def test_a_failed_or_hung_hook_changes_nothing(target: Path, tmp_path: Path, how: str) -> None:
+    before = snapshot(target)
+    txn = staged_txn(target)
+    staged = dict(txn.changes)
+    ending = "echo giving up >&2; exit 4" if how == "fails" else "echo waiting; sleep 9878"
+    steps = [hook("echo first >> /etc/hosts", name="first"),
+             hook(f"""\
+                 echo changed > /etc/hostname
+                 rm -rf /opt/app
+                 mkdir /etc/new-dir
+                 {ending}
+                 """, name="second", timeout=1),
+             hook("echo never > /etc/third", name="third")]
+
+    with pytest.raises(HookFailed) as info:
+        run_hooks_staged(txn, steps, {}, work=tmp_path / "work", kill_grace=0.5)
+
+    failed = info.value.failed
+    assert [r.name for r in info.value.results] == ["first", "second"]
+    if how == "fails":
+        assert failed.exit_code == 4 and failed.output == "giving up\n"
+    else:
+        assert failed.timed_out and failed.output == "waiting\n"
+    assert txn.changes == staged                               # the transaction is as it was
+    assert snapshot(target) == before                          # and so is the disk
+    assert mounts_under(tmp_path / "work") == [] and mounts_under(target) == [str(target / "etc")]
+    assert pgrep("sleep 9878") == [] and processes_in(tmp_path / "work") == []
+    assert recover(target, ["/", "/etc"]) is None
+
+
+def test_read_only_file_systems_stay_read_only_in_the_view(target: Path, tmp_path: Path) -> None:
+    usr = target / "usr"
+    usr.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro", "sc-test-usr", str(usr)], check=True)
+    try:
+        txn = Transaction(target, ["/", "/etc", "/usr"])
+        result, = run_hooks_staged(txn, [hook("touch /usr/x 2>&1 || echo refused; touch /etc/x")], {},
+                                   work=tmp_path / "work")[0]
+        assert "Read-only file system" in result.output and "refused" in result.output
+        assert list(txn.changes) == ["/etc/x"]
+    finally:
+        subprocess.run(["umount", "-l", str(usr)], check=False)
+
+
+def test_replacing_and_renaming_directories(target: Path, tmp_path: Path) -> None:
+    (target / "opt/app/old/sub").mkdir()
+    (target / "opt/app/old/sub/deep").write_text("deep\n")
+    (target / "opt/app/was-file").write_text("file\n")
+    txn = Transaction(target, ["/", "/etc"])
+    txn.write("/opt/app/staged-dir/inner", b"staged\n")
+    step = hook("""\
+        set -e
+        mv /opt/app/old /opt/app/renamed
+        rm -rf /opt/app/staged-dir && mkdir /opt/app/staged-dir && echo fresh > /opt/app/staged-dir/new
+        rm /opt/app/was-file && mkdir /opt/app/was-file && echo inside > /opt/app/was-file/f
+        rm /opt/app/keep && mkdir /opt/app/keep
+        """)
+    results, _ = run_hooks_staged(txn, [step], {}, work=tmp_path / "work")
+    assert results[0].ok, results[0]
+    txn.commit()
+    app = target / "opt/app"
+    assert sorted(p.name for p in app.iterdir()) == ["keep", "renamed", "staged-dir", "was-file"]
+    assert (app / "renamed/data").read_text() == "old data\n"
+    assert (app / "renamed/sub/deep").read_text() == "deep\n"
+    assert sorted(p.name for p in (app / "staged-dir").iterdir()) == ["new"]
+    assert (app / "was-file/f").read_text() == "inside\n"
+    assert (app / "keep").is_dir() and not any((app / "keep").iterdir())
+
+
+def test_what_a_transaction_cannot_hold_fails_the_hooks(target: Path, tmp_path: Path) -> None:
+    before = snapshot(target)
+    txn = Transaction(target, ["/", "/etc"])
+    with pytest.raises(HookError, match="/etc/fifo: a fifo cannot be committed"):
+        run_hooks_staged(txn, [hook("mkfifo /etc/fifo")], {}, work=tmp_path / "work")
+    assert snapshot(target) == before and mounts_under(tmp_path / "work") == []
+
+
+def test_a_hook_that_changes_nothing_stages_nothing(target: Path, tmp_path: Path) -> None:
+    txn = staged_txn(target)
+    staged = dict(txn.changes)
+    results, changed = run_hooks_staged(
+        txn, [hook("touch /etc/hosts /etc/hostname; cat /etc/hosts > /dev/null; echo x > /run/x")], {},
+        work=tmp_path / "work")
+    assert results[0].ok and changed == [] and txn.changes == staged
+
+
+def test_a_copy_on_write_root_works_as_a_lower_layer(tmp_path: Path) -> None:
+    """A plan's overlay root (shared image below, the domain's layer above) under the hooks' view:
+    overlayfs on overlayfs, the deepest stacking the kernel allows."""
+    shared = make_root(tmp_path / "shared", dirs=("etc", "tmp", "root"))
+    for applet in VIEW_APPLETS:
+        (shared / "bin" / applet).symlink_to("busybox")
+    (shared / "etc/hostname").write_text("shared\n")
+    layer = tmp_path / "domain-layer"
+    for d in ("upper", "work"):
+        (layer / d).mkdir(parents=True)
+    root = tmp_path / "sysroot"
+    root.mkdir()
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
+                    f"lowerdir={shared},upperdir={layer}/upper,workdir={layer}/work", str(root)], check=True)
+    try:
+        txn = Transaction(root, ["/"])
+        txn.write("/etc/hostname", b"web-a\n")
+        results, changed = run_hooks_staged(txn, [hook("cat /etc/hostname; echo on > /etc/feature")], {},
+                                            work=tmp_path / "work")
+        assert results[0].output == "web-a\n" and changed == ["/etc/feature"]
+        txn.commit()
+        assert (root / "etc/feature").read_text() == "on\n"
+        assert (layer / "upper/etc/hostname").read_text() == "web-a\n"   # in the domain's layer
+        assert (shared / "etc/hostname").read_text() == "shared\n"       # the shared image untouched
+    finally:
+        subprocess.run(["umount", "-l", str(root)], check=False)

@@ -275,3 +275,97 @@ def test_operation_registry_is_the_dispatch(monkeypatch: pytest.MonkeyPatch) -> 
         validate_plan(doc, "p.json")
     assert seen[0] == ({"op": "noop"}, "steps[0]")
     assert "replace" in OPERATIONS
+
+
+# ------------------------------------------------------------------ NFS mounts
+
+
+def nfs_doc(**nfs_mount: Any) -> dict[str, Any]:
+    """A plan mounting /opt from an NFSv4 export, with the network it needs."""
+    mount = {"nfs": {"server": "10.0.2.2", "path": "/export/opt", "port": 20490}, "target": "/opt",
+             "fstype": "nfs4", "options": ["ro", "vers=4.2"]}
+    mount.update(nfs_mount)
+    doc = minimal_doc()
+    doc["network"] = {"interfaces": [{"match": {"name": "eth0"}, "dhcp": True}]}
+    doc["mounts"].append(mount)
+    return doc
+
+
+def test_nfs_mount() -> None:
+    from guest_init.plan import NfsExport
+
+    plan = validate_plan(nfs_doc())
+    mount = plan.mounts[1]
+    assert mount.nfs == NfsExport("10.0.2.2", "/export/opt", 20490, 30.0)
+    assert mount.device is mount.nfs and mount.device.describe() == "10.0.2.2:/export/opt"
+    assert mount.fstype == "nfs4" and mount.options == ("ro", "vers=4.2")
+    assert mount.devices() == []            # the devices stage waits for no block device
+    assert plan.mounts[0].nfs is None
+    assert [m.target for m in plan.mount_order()] == ["/", "/opt"]
+
+
+def test_nfs_mount_defaults() -> None:
+    doc = nfs_doc(nfs={"server": "192.168.1.5", "path": "/srv"})
+    del doc["mounts"][1]["fstype"], doc["mounts"][1]["options"]
+    mount = validate_plan(doc).mounts[1]
+    assert mount.nfs.port == 2049 and mount.nfs.timeout == 30.0
+    assert mount.fstype == "nfs4" and mount.options == ("rw",)
+
+
+def test_nfs_mount_needs_the_network() -> None:
+    doc = nfs_doc()
+    del doc["network"]
+    with pytest.raises(PlanError) as info:
+        validate_plan(doc, "plan.json")
+    assert info.value.field == "mounts[1].nfs"
+    assert str(info.value).startswith('plan.json: mounts[1].nfs: an NFS mount needs the network: add a "network"')
+
+
+BAD_NFS = [
+    # (change to the NFS mount, field named in the error, words in the message)
+    ({"nfs": {"server": "nfs.example.org", "path": "/x"}}, "mounts[1].nfs.server", "IPv4 address"),
+    ({"nfs": {"server": "0.0.0.0", "path": "/x"}}, "mounts[1].nfs.server", "unicast"),
+    ({"nfs": {"server": "224.0.0.1", "path": "/x"}}, "mounts[1].nfs.server", "unicast"),
+    ({"nfs": {"server": "fe80::1", "path": "/x"}}, "mounts[1].nfs.server", "IPv4 address"),
+    ({"nfs": {"server": 10, "path": "/x"}}, "mounts[1].nfs.server", "expected a string"),
+    ({"nfs": {"path": "/x"}}, "mounts[1].nfs.server", "missing"),
+    ({"nfs": {"server": "10.0.2.2"}}, "mounts[1].nfs.path", "missing"),
+    ({"nfs": {"server": "10.0.2.2", "path": "export"}}, "mounts[1].nfs.path", "absolute"),
+    ({"nfs": {"server": "10.0.2.2", "path": "/a/../b"}}, "mounts[1].nfs.path", '".."'),
+    ({"nfs": {"server": "10.0.2.2", "path": "/a/"}}, "mounts[1].nfs.path", "normalised"),
+    ({"nfs": {"server": "10.0.2.2", "path": "/a,b"}}, "mounts[1].nfs.path", "','"),
+    ({"nfs": {"server": "10.0.2.2", "path": "/x", "port": 0}}, "mounts[1].nfs.port", "1 to 65535"),
+    ({"nfs": {"server": "10.0.2.2", "path": "/x", "port": "2049"}}, "mounts[1].nfs.port", "1 to 65535"),
+    ({"nfs": {"server": "10.0.2.2", "path": "/x", "timeout": 0}}, "mounts[1].nfs.timeout", "more than 0"),
+    ({"nfs": {"server": "10.0.2.2", "path": "/x", "timout": 5}}, "mounts[1].nfs.timout", "unknown key"),
+    ({"nfs": "10.0.2.2:/x"}, "mounts[1].nfs", "expected an object"),
+    ({"device": {"label": "x"}}, "mounts[1].device", "unknown key"),
+    ({"fstype": "nfs"}, "mounts[1].fstype", 'expected "nfs4"'),
+    ({"options": "ro"}, "mounts[1].options", "list of strings"),
+    ({"options": ["ro,addr=1.2.3.4"]}, "mounts[1].options[0]", "one option per string"),
+    ({"options": ["ro", "addr=1.2.3.4"]}, "mounts[1].options[1]", "addr= is set by the agent"),
+    ({"options": ["clientaddr=10.0.2.15"]}, "mounts[1].options[0]", "clientaddr= is set by the agent"),
+    ({"options": ["port=2050"]}, "mounts[1].options[0]", "port= is set by nfs.port"),
+    ({"options": ["vers=3"]}, "mounts[1].options[0]", "vers=4, 4.0, 4.1 or 4.2"),
+    ({"options": ["nfsvers=4.3"]}, "mounts[1].options[0]", "vers=4, 4.0, 4.1 or 4.2"),
+    ({"options": ["minorversion=7"]}, "mounts[1].options[0]", "minorversion=0, 1 or 2"),
+    ({"options": [""]}, "mounts[1].options[0]", "non-empty"),
+    ({"target": "opt"}, "mounts[1].target", "absolute"),
+]
+
+
+@pytest.mark.parametrize("change,field,words", BAD_NFS, ids=[json.dumps(b[0]) for b in BAD_NFS])
+def test_invalid_nfs_field_is_named(change: dict[str, Any], field: str, words: str) -> None:
+    with pytest.raises(PlanError) as info:
+        validate_plan(nfs_doc(**change), "plan.json")
+    assert info.value.field == field
+    assert str(info.value).startswith(f"plan.json: {field}: ")
+    assert words in str(info.value)
+
+
+def test_nfs_root_and_version_options_are_accepted() -> None:
+    doc = nfs_doc(options=["ro", "vers=4.1", "soft", "timeo=50", "retrans=3"])
+    doc["mounts"][1]["target"] = "/"
+    doc["mounts"].pop(0)
+    plan = validate_plan(doc)
+    assert plan.mounts[0].target == "/" and plan.mounts[0].options[1] == "vers=4.1"
