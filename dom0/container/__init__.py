@@ -13,7 +13,7 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
-_MODEL = ("Container", "Copy", "Create", "Export", "Expr", "FileChange", "Hook", "Image", "Mount", "Owner",
+_MODEL = ("Container", "Copy", "Create", "Export", "Expr", "FileChange", "Hook", "Image", "Mount", "NfsExport", "Owner",
           "Patch", "Populate", "Replace", "Span")
 _PARSE = ("EXPRESSIONS", "ExprSpec", "load_container", "parse_container", "trim_body")
 

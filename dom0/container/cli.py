@@ -21,7 +21,7 @@ def run_containers(files: list[str], stripped: str, plan: str | None, log: str |
                    workdir: str | None, as_json: bool, trust: list[str] | None = None,
                    require_signatures: bool = False, sign_key: str | None = None) -> int:
     from .parse import load_container
-    from .process import Workspace, process_container
+    from .process import Workspace, process_container, write_nfs_exports
 
     if len(files) > 1 and plan is not None:
         raise UserError("--plan names one file; with several containers the plans go beside the "
@@ -59,14 +59,18 @@ def run_containers(files: list[str], stripped: str, plan: str | None, log: str |
                 from ..keys import sign_file, write_signature
 
                 write_signature(plan_path, sign_file(plan_path, workspace.signer))
+        exports = write_nfs_exports(result, cfg_path)
         append_log([entry.line() for entry in result.log])
         summary.append({"container": container.path, "stripped": str(cfg_path),
                         "plan": str(plan_path) if plan_path else None,
+                        "nfs_exports": [str(p) for p in exports],
                         "expressions": [vars(e) for e in result.log]})
         if not as_json:
             for entry in result.log:
                 print(entry.line())
             print(f"stripped config: {cfg_path}" + (f"\nplan: {plan_path}" if plan_path else ""))
+            for path in exports:
+                print(f"NFS exports: {path}")
     if as_json:
         print(json.dumps(summary if len(summary) > 1 else summary[0], indent=2, default=str))
     return EXIT_OK

@@ -188,15 +188,43 @@ class Hook(Expr):
 
 @dataclass(frozen=True, kw_only=True)
 class Mount(Expr):
-    """``[mount LABEL TARGET ro|rw] [end]``: the file system labelled LABEL at TARGET in the guest."""
+    """``[mount LABEL TARGET ro|rw|cow] [end]``: the file system labelled LABEL at TARGET in the guest.
+
+    ``cow`` mounts it read-only under an overlay whose writable layer is the
+    file system labelled ``upper`` (the domain's own disk), or a tmpfs when
+    there is none: many domains share one image, each keeping its changes.
+    """
 
     kind: ClassVar[str] = "mount"
 
     at_boot: bool = True
     label: str
     target: str
-    access: Literal["ro", "rw"]
+    access: Literal["ro", "rw", "cow"]
     fstype: str | None = None
+    upper: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class NfsExport(Expr):
+    """``[nfs DIR TARGET ro|rw server ADDR] [end]``: dom0's DIR over NFSv4 at TARGET in the guest.
+
+    dom0 gets the export (a ganesha configuration and an /etc/exports line
+    beside the stripped config); the plan gets the mount, and a network.
+    ``pseudo`` is the path the guest mounts (ganesha's pseudo file system;
+    the kernel server exports DIR by its own name, so it defaults to DIR).
+    """
+
+    kind: ClassVar[str] = "nfs"
+
+    at_boot: bool = True
+    path: str
+    target: str
+    access: Literal["ro", "rw"]
+    server: str
+    port: int = 2049
+    pseudo: str | None = None
+    squash: str = "root_squash"
 
 
 @dataclass

@@ -37,6 +37,7 @@ from dom0.container.model import (
     Hook,
     Image,
     Mount,
+    NfsExport,
     Patch,
     Populate,
     Replace,
@@ -522,9 +523,33 @@ def build_hook(p: Parsed) -> Hook:
 
 
 def build_mount(p: Parsed) -> Mount:
+    if "upper" in p.option_pos and p.values["access"] != "cow":
+        raise syntax_error(p.option_pos["upper"], "'upper LABEL' only with access cow (it names the "
+                           "copy-on-write layer)", f"'upper' with access {p.values['access']}")
     common = p.common()
     common["at_boot"] = True
-    return Mount(**common, **p.fields("label", "target", "access", "fstype"))
+    return Mount(**common, **p.fields("label", "target", "access", "fstype", "upper"))
+
+
+def convert_ipv4(word: Word) -> str:
+    """An IPv4 address: the guest mounts with mount(2) and resolves no names in the initramfs."""
+    import ipaddress
+
+    try:
+        return str(ipaddress.IPv4Address(word.text))
+    except ValueError:
+        raise syntax_error(word.pos, "an IPv4 address (the guest resolves no names before its "
+                           "root is mounted)", _shown(word.text)) from None
+
+
+def build_nfs(p: Parsed) -> NfsExport:
+    if "server" not in p.values:
+        raise syntax_error(p.pos, "'server ADDR' in an nfs expression (the address the guest "
+                           "mounts from, e.g. 10.0.2.2 under qemu)", "no server")
+    common = p.common()
+    common["at_boot"] = True
+    return NfsExport(**common, **p.fields("path", "target", "access", "server", "port", "pseudo",
+                                           "squash"))
 
 
 _FILE_OPTIONS = (OPT_ARCHIVE, OPT_IMAGE, OPT_PATCH_OUT, OPT_FORK, OPT_MODE, OPT_OWNER, OPT_AT, OPT_DEVICES)
@@ -579,9 +604,20 @@ EXPRESSIONS: dict[str, ExprSpec] = {
     "mount": ExprSpec(
         "mount", (ArgSpec("LABEL", "label", convert_label),
                   ArgSpec("TARGET", "target", convert_guest_path),
-                  ArgSpec("ACCESS", "access", choice(("ro", "rw"), "access"))),
-        _options(OptionSpec("fstype", "fstype", "TYPE", choice(MOUNT_FSTYPES, "a type")), OPT_AT),
+                  ArgSpec("ACCESS", "access", choice(("ro", "rw", "cow"), "access"))),
+        _options(OptionSpec("fstype", "fstype", "TYPE", choice(MOUNT_FSTYPES, "a type")),
+                 OptionSpec("upper", "upper", "LABEL", convert_label), OPT_AT),
         body="none", boot="always", build=build_mount),
+    "nfs": ExprSpec(
+        "nfs", (ArgSpec("DIR", "path", convert_host_path),
+                ArgSpec("TARGET", "target", convert_guest_path),
+                ArgSpec("ACCESS", "access", choice(("ro", "rw"), "access"))),
+        _options(OptionSpec("server", "server", "ADDR", convert_ipv4),
+                 OptionSpec("port", "port", "N", whole_number(1, 65535, "port")),
+                 OptionSpec("pseudo", "pseudo", "PATH", convert_guest_path),
+                 OptionSpec("squash", "squash", "MODE",
+                            choice(("root_squash", "no_root_squash", "all_squash"), "squash")), OPT_AT),
+        body="none", boot="always", build=build_nfs),
 }
 """Every expression, by name.  Order here is the order of the documentation."""
 

@@ -33,7 +33,7 @@ from ..cpio import CpioWriter
 from ..compress import compress
 from ..errors import EXIT_FAILED, UserError
 from ..xlcfg import write_xl_config
-from .model import (Container, Copy, Create, Export, Expr, FileChange, Hook, Image, Mount, Patch,
+from .model import (Container, Copy, Create, Export, Expr, FileChange, Hook, Image, Mount, NfsExport, Patch,
                     Populate, Replace)
 
 STATE = ".supercharge"
@@ -226,6 +226,8 @@ class ContainerResult:
     plan: dict | None
     log: list[LogEntry] = field(default_factory=list)
     disks: list[str] = field(default_factory=list)
+    #: dom0 directories the domain mounts over NFS (``[nfs]``): dom0.nfs.Export objects
+    nfs_exports: list = field(default_factory=list)
 
 
 class Workspace:
@@ -376,6 +378,8 @@ class ContainerRun:
         self.disks: list[str] = []
         self.mounts: list[dict] = []
         self.steps: list[dict] = []
+        self.nfs_exports: list = []
+        self.network_reason: Expr | None = None   # the first boot-time expression that needs a network
         self.log: list[LogEntry] = []
 
     # -- helpers -------------------------------------------------------------------
@@ -508,7 +512,8 @@ class ContainerRun:
     def run(self) -> ContainerResult:
         handlers = {"create": self.do_create, "image": self.do_image, "populate": self.do_populate,
                     "replace": self.do_change, "copy": self.do_change, "patch": self.do_patch,
-                    "hook": self.do_hook, "mount": self.do_mount, "export": self.do_export}
+                    "hook": self.do_hook, "mount": self.do_mount, "export": self.do_export,
+                    "nfs": self.do_nfs}
         try:
             for expr in self.c.expressions:
                 started = time.monotonic()
@@ -529,7 +534,7 @@ class ContainerRun:
                 self.ws.give_back(self.bases[uri], tree)
         finally:
             shutil.rmtree(self.work, ignore_errors=True)   # nothing else of this container is kept
-        return ContainerResult(self.c, stripped, plan, self.log, self.disks)
+        return ContainerResult(self.c, stripped, plan, self.log, self.disks, self.nfs_exports)
 
     def do_create(self, expr: Create) -> tuple[str, str, int]:
         src = self.dom0_path(expr.src_dir)
@@ -743,9 +748,65 @@ class ContainerRun:
         return expr.name, "compiled into the plan (at boot)", len(expr.script.encode())
 
     def do_mount(self, expr: Mount) -> tuple[str, str, int]:
+        if expr.access == "cow":
+            upper: dict | str = {"label": expr.upper} if expr.upper else "tmpfs"
+            overlay: dict = {"lower": [{"label": expr.label}], "upper": upper}
+            if expr.fstype:
+                overlay["fstype"] = expr.fstype
+            self.mounts.append({"target": expr.target, "overlay": overlay})
+            layer = f"upper {expr.upper}" if expr.upper else "changes in a tmpfs"
+            return f"{expr.label} {expr.target}", f"copy-on-write overlay ({layer}) in the plan", 0
         self.mounts.append({"device": {"label": expr.label}, "target": expr.target,
                             "fstype": expr.fstype or "ext4", "options": [expr.access]})
         return f"{expr.label} {expr.target}", f"mount {expr.access} in the plan", 0
+
+    def do_nfs(self, expr: NfsExport) -> tuple[str, str, int]:
+        from ..nfs import Export as NfsExportSpec
+
+        path = self.dom0_path(expr.path)
+        if not self.dry_run and not path.is_dir():
+            raise self.fail(expr, f"{path}: expected a directory to export over NFS, found "
+                            f"{'a file' if path.exists() else 'nothing'}", "path")
+        pseudo = expr.pseudo or str(path.absolute())
+        self.nfs_exports.append(NfsExportSpec(path=path.absolute(), pseudo=pseudo,
+                                              access=expr.access.upper(), squash=expr.squash))
+        nfs = {"server": expr.server, "path": pseudo}
+        if expr.port != 2049:
+            nfs["port"] = expr.port
+        self.mounts.append({"nfs": nfs, "target": expr.target, "fstype": "nfs4", "options": [expr.access]})
+        self.network_reason = self.network_reason or expr
+        return f"{expr.path} {expr.target}", f"NFSv4 export {expr.server}:{pseudo} mounted {expr.access}", 0
+
+    def network(self) -> dict | None:
+        """The plan's network, from the domain's vif lines, when a boot-time expression needs one.
+
+        Each vif is found by its MAC (the stable handle under Xen and qemu
+        alike), else by its position (eth0, eth1...), and asks DHCP: a
+        container says what the domain needs, and addresses are the network's
+        business (a static address goes in a plan written by hand).
+        """
+        reason = self.network_reason
+        fetches = any(isinstance(uri, str) and uri.split(":", 1)[0].lower() in ("http", "https", "ftp")
+                      for expr in self.c.boot_expressions()
+                      for uri in (getattr(expr, "uri", None), getattr(expr, "patch", None)))
+        if reason is None and not fetches:
+            return None
+        from ..xlcfg import parse_vif_spec
+
+        vifs = self.c.settings.get("vif")
+        if not isinstance(vifs, list) or not vifs:
+            if reason is None:
+                # The paper's containers fetch at boot without a vif line: they keep
+                # working as written (the guest's own network set-up is then in charge).
+                return None
+            raise self.fail(reason, f"expected a vif line, since this {reason.kind} needs the guest's "
+                            "network at boot (vif = ['mac=52:54:00:12:34:56']), found none")
+        interfaces = []
+        for index, spec in enumerate(vifs):
+            vif = parse_vif_spec(str(spec), self.c.settings.where("vif", index))
+            match = {"mac": vif["mac"].lower()} if vif.get("mac") else {"name": f"eth{index}"}
+            interfaces.append({"match": match, "dhcp": True})
+        return {"interfaces": interfaces}
 
     # -- outputs -------------------------------------------------------------------------
 
@@ -759,6 +820,9 @@ class ContainerRun:
         name = self.c.settings.get("name")
         plan = {"version": 1, "name": str(name) if name else Path(self.c.path or "domain").stem,
                 "init": "/sbin/init", "failure_policy": "halt", "mounts": self.mounts, "steps": self.steps}
+        network = self.network()
+        if network is not None:
+            plan["network"] = network
         try:
             validate_plan(plan, source=f"{self.c.path} (plan)")
         except PlanError as exc:
@@ -813,3 +877,25 @@ def _read_if_file(root: Path, rel: str) -> tuple[bytes, int] | None:
 def process_container(container: Container, workspace: Workspace, *,
                       dry_run: bool = False) -> ContainerResult:
     return ContainerRun(workspace, container, dry_run).run()
+
+
+def write_nfs_exports(result: ContainerResult, cfg_path: Path) -> list[Path]:
+    """The domain's NFS exports beside its stripped config: CFG.ganesha.conf and CFG.exports.
+
+    The first is a complete nfs-ganesha configuration (NFSv4 only, so no
+    rpcbind): run it as is (``ganesha.nfsd -f``) or copy its EXPORT blocks
+    into the host's; the second holds the lines for /etc/exports where the
+    kernel's server is used (then ``exportfs -ra``).
+    """
+    if not result.nfs_exports:
+        return []
+    from ..atomic import write_atomically
+    from ..nfs import GaneshaConfig, exports_line, ganesha_config_text
+
+    ganesha = cfg_path.with_name(cfg_path.name + ".ganesha.conf")
+    kernel = cfg_path.with_name(cfg_path.name + ".exports")
+    text = ganesha_config_text(GaneshaConfig(exports=tuple(result.nfs_exports)))
+    write_atomically(ganesha, [text.encode()])
+    lines = "".join(exports_line(export) + "\n" for export in result.nfs_exports)
+    write_atomically(kernel, [("# for /etc/exports (kernel NFS server), then: exportfs -ra\n" + lines).encode()])
+    return [ganesha, kernel]

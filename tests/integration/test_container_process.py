@@ -1309,3 +1309,49 @@ def test_one_malformed_file_among_several_stops_before_anything_runs(capsys, tmp
     assert code == 2
     assert capsys.readouterr().err.startswith(f"supercharge: {bad}:1:15: expected the LABEL")
     assert not target.exists()
+
+
+# --- [nfs]: the plan's NFS mount and network, dom0's export files --------------------------
+
+
+def test_nfs_export_gives_the_plan_a_mount_and_a_network_and_dom0_its_exports(capsys, tmp_path):
+    import json
+
+    from dom0.nfs import ganesha_config_text  # noqa: F401  (the files come from this module)
+
+    (tmp_path / "exports" / "opt").mkdir(parents=True)
+    run = ok(process(capsys, tmp_path, 'name = "web1"\nvif = ["mac=52:54:00:AB:CD:01", "bridge=xenbr1"]\n'
+                     "[mount web1_root / rw] [end]\n"
+                     "[nfs exports/opt /opt ro server 10.0.2.2 pseudo /web1/opt] [end]\n", plan=True))
+    plan = json.loads(run.plan.read_text())
+    assert plan["mounts"][1] == {"nfs": {"server": "10.0.2.2", "path": "/web1/opt"}, "target": "/opt",
+                                 "fstype": "nfs4", "options": ["ro"]}
+    assert plan["network"] == {"interfaces": [{"match": {"mac": "52:54:00:ab:cd:01"}, "dhcp": True},
+                                              {"match": {"name": "eth1"}, "dhcp": True}]}
+    ganesha = run.stripped.with_name(run.stripped.name + ".ganesha.conf").read_text()
+    assert f'Path = "{tmp_path / "exports" / "opt"}";' in ganesha and 'Pseudo = "/web1/opt";' in ganesha
+    assert "Access_Type = RO;" in ganesha and "Protocols = 4;" in ganesha
+    exports = run.stripped.with_name(run.stripped.name + ".exports").read_text()
+    assert f"{tmp_path / 'exports' / 'opt'} *(ro,root_squash" in exports
+
+
+def test_an_nfs_mount_without_a_vif_line_is_an_error(capsys, tmp_path):
+    (tmp_path / "opt").mkdir()
+    run = process(capsys, tmp_path, 'name = "web1"\n[mount web1_root / rw] [end]\n'
+                  "[nfs opt /opt ro server 10.0.2.2] [end]\n")
+    assert run.code == 2
+    lines = run.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("supercharge: ") and lines[0].endswith(
+        "d.ct:3:1: expected a vif line, since this nfs needs the guest's network at boot "
+        "(vif = ['mac=52:54:00:12:34:56']), found none")
+    assert not run.plan.exists() and not run.stripped.exists()
+
+
+def test_a_cow_mount_is_an_overlay_in_the_plan(capsys, tmp_path):
+    import json
+
+    run = ok(process(capsys, tmp_path, 'name = "web1"\n[mount shared / cow upper web1-upper] [end]\n'
+                     "[mount shared-usr /usr cow] [end]\n", plan=True))
+    mounts = json.loads(run.plan.read_text())["mounts"]
+    assert mounts == [{"target": "/", "overlay": {"lower": [{"label": "shared"}], "upper": {"label": "web1-upper"}}},
+                      {"target": "/usr", "overlay": {"lower": [{"label": "shared-usr"}], "upper": "tmpfs"}}]

@@ -17,6 +17,7 @@ from dom0.container import (
     Hook,
     Image,
     Mount,
+    NfsExport,
     Patch,
     Populate,
     Replace,
@@ -382,7 +383,8 @@ def test_expressions_on_one_line_and_separators() -> None:
 
 
 def test_registry_is_complete() -> None:
-    kinds = {cls.kind for cls in (Replace, Copy, Create, Image, Export, Populate, Patch, Hook, Mount)}
+    kinds = {cls.kind for cls in (Replace, Copy, Create, Image, Export, Populate, Patch, Hook, Mount,
+                                  NfsExport)}
     assert set(EXPRESSIONS) == kinds
     for name, spec in EXPRESSIONS.items():
         assert spec.name == name and spec.usage.startswith(f"[{name}")
@@ -487,20 +489,20 @@ ERRORS = [
     # unknown expression
     ("name = 'a'\n  [replce /etc/x]",
      ("t.ct:2:4: expected an expression name after '[' (replace, copy, create, image, export, populate, "
-     "patch, hook, mount), found 'replce' (did you mean 'replace'?)")),
+     "patch, hook, mount, nfs), found 'replce' (did you mean 'replace'?)")),
     ("[frobnicate]",
      ("t.ct:1:2: expected an expression name after '[' (replace, copy, create, image, export, populate, "
-     "patch, hook, mount), found 'frobnicate'")),
+     "patch, hook, mount, nfs), found 'frobnicate'")),
     ("[end]",
      ("t.ct:1:2: expected an expression name after '[' (replace, copy, create, image, export, populate, "
-     "patch, hook, mount), found 'end' ('[end]' with no expression open)")),
+     "patch, hook, mount, nfs), found 'end' ('[end]' with no expression open)")),
     ("[boot replace /etc/x]",
      ("t.ct:1:2: expected an expression name after '[' (replace, copy, create, image, export, populate, "
-     "patch, hook, mount), found 'boot' (to run an expression in the guest at boot, add the "
+     "patch, hook, mount, nfs), found 'boot' (to run an expression in the guest at boot, add the "
      "option 'at boot', e.g. [replace /etc/motd at boot ...)")),
     ("[\n",
      ("t.ct:1:1: expected an expression name after '[' (replace, copy, create, image, export, populate, "
-     "patch, hook, mount), found end of file")),
+     "patch, hook, mount, nfs), found end of file")),
     # wrong number of arguments
     ("[image /a 50MB] [end]",
      "t.ct:1:15: expected the LABEL argument of [image PATH SIZE LABEL], found ']'"),
@@ -588,7 +590,7 @@ ERRORS = [
      "t.ct:1:10: expected a path without '.' or '..' components, found '/etc/../shadow'"),
     ("[replace /etc/ archive http://h/a\n\nx\n] [end]",
      "t.ct:1:10: expected the path of a file (like /etc/hostname), not a directory, found '/etc/'"),
-    ("[mount root / rx] [end]", "t.ct:1:15: expected access ro or rw, found 'rx'"),
+    ("[mount root / rx] [end]", "t.ct:1:15: expected access ro, rw or cow, found 'rx'"),
     ("[mount root etc ro] [end]",
      "t.ct:1:13: expected an absolute path (like /etc/hostname), found 'etc'"),
     ("[hook h1 timeout 0\n\necho\n] [end]",
@@ -764,3 +766,33 @@ def test_every_container_example_in_the_docs_parses() -> None:
                      "replace", "copy", "hook"]
     assert parse_xl_config(container.stripped_text()) == container.settings
     assert container.settings["name"] == "web1"
+
+
+# --- [nfs]: a dom0 directory over NFSv4 ------------------------------------------------
+
+
+def test_nfs_export_with_every_option() -> None:
+    expr = only("[nfs /srv/opt /opt rw server 10.0.2.2 port 20490 pseudo /export/opt "
+                "squash no_root_squash] [end]")
+    assert isinstance(expr, NfsExport) and expr.at_boot
+    assert (expr.path, expr.target, expr.access, expr.server, expr.port, expr.pseudo, expr.squash) == \
+        ("/srv/opt", "/opt", "rw", "10.0.2.2", 20490, "/export/opt", "no_root_squash")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[nfs /srv/opt /opt ro] [end]", "t.ct:1:1: expected 'server ADDR'"),
+    ("[nfs /srv/opt /opt ro server nfs.example] [end]", "t.ct:1:30: expected an IPv4 address"),
+    ("[nfs /srv/opt /opt cow server 10.0.2.2] [end]", "t.ct:1:20: expected access ro or rw"),
+    ("[nfs /srv/opt opt ro server 10.0.2.2] [end]", "t.ct:1:15:"),
+    ("[nfs /srv/opt /opt ro server 10.0.2.2 port 0] [end]", "port: a whole number from 1 to 65535"),
+])
+def test_nfs_export_errors(text: str, message: str) -> None:
+    assert message in error(text)
+
+
+def test_mount_cow_names_its_upper_layer() -> None:
+    expr = only("[mount shared-root / cow upper web1-upper] [end]")
+    assert isinstance(expr, Mount) and (expr.access, expr.upper) == ("cow", "web1-upper")
+    assert only("[mount shared-root / cow] [end]").upper is None
+    assert "t.ct:1:25: expected 'upper LABEL' only with access cow" in error(
+        "[mount shared-root / ro upper web1-upper] [end]")
