@@ -4,6 +4,9 @@ The console capture is watched while the guest runs: a report whose outcome
 says the agent halted or powered off ends qemu at once (nothing more will
 come), and with ``--after stop`` so does a successful switch.  The exit code
 is 0 only when the agent handed over to the real init.
+
+:func:`report_stopper` and :func:`finish_boot` are shared with the Xen backend
+(:mod:`dom0.xen`), so both end a guest at the same point and report alike.
 """
 from __future__ import annotations
 
@@ -22,8 +25,12 @@ from .xlcfg import load_domain_config
 _OUTCOME_HINT = b'"stage":"outcome"'
 
 
-def _stopper(after: str):
-    """Decide from the capture so far whether the guest has nothing more to say."""
+def report_stopper(after: str):
+    """Decide from the capture so far whether the guest has nothing more to say.
+
+    Shared by every backend (qemu here, Xen in :mod:`dom0.xen`), so that they
+    end a guest at the same point of its boot report.
+    """
     marker = MARKER.encode()
 
     def should_stop(capture: bytes) -> bool:
@@ -35,6 +42,9 @@ def _stopper(after: str):
         return outcome.get("outcome") != "switched" or after == "stop"
 
     return should_stop
+
+
+_stopper = report_stopper
 
 
 def domain_state_dir(name: str, state_dir: Path | None) -> Path:
@@ -51,13 +61,25 @@ def boot_domain(config: Path, *, accel: str | None = None, timeout: float = 300.
     console = state / "console.log"
     settings = QemuSettings(accel=accel) if accel else QemuSettings()
     cmd = qemu_command(domain, console, settings)   # validates disks before the old capture goes
-    run = run_qemu(cmd, console, timeout=timeout, should_stop=_stopper(after))
+    run = run_qemu(cmd, console, timeout=timeout, should_stop=report_stopper(after))
+    hypervisor = {"backend": "qemu", "accel": settings.accel, "timed_out": run.timed_out,
+                  "stopped": run.stopped, "returncode": run.returncode,
+                  "seconds": round(run.duration, 2)}
+    return finish_boot(domain.name, state, console, hypervisor, timeout=timeout,
+                       as_json=as_json, quiet=quiet, ended="qemu was ended")
+
+
+def finish_boot(name: str, state: Path, console: Path, hypervisor: dict, *, timeout: float,
+                as_json: bool, quiet: bool, ended: str) -> int:
+    """Report, summary and exit code of a boot, the same for every backend.
+
+    ``hypervisor`` (backend, timed_out, ...) goes into the report as is;
+    ``ended`` says in the timeout message what was done to the guest.
+    """
     report = parse_console(console.read_bytes())
     report["console"] = str(console)
-    report["domain"] = domain.name
-    report["hypervisor"] = {"backend": "qemu", "accel": settings.accel, "timed_out": run.timed_out,
-                            "stopped": run.stopped, "returncode": run.returncode,
-                            "seconds": round(run.duration, 2)}
+    report["domain"] = name
+    report["hypervisor"] = hypervisor
     write_report(report, state / "report.json")
     outcome = (report.get("outcome") or {}).get("outcome")
     if not quiet:
@@ -66,12 +88,13 @@ def boot_domain(config: Path, *, accel: str | None = None, timeout: float = 300.
         else:
             print(render_report(report))
             print(f"console: {console}\nreport:  {state / 'report.json'}")
-    if run.timed_out:
+    timed_out = bool(hypervisor.get("timed_out"))
+    if timed_out:
         what = ("the guest was still running" if outcome == "switched"
                 else "the guest had not finished its boot report")
-        print(f"supercharge: timeout after {timeout:g} s: {what}; qemu was ended", file=sys.stderr)
+        print(f"supercharge: timeout after {timeout:g} s: {what}; {ended}", file=sys.stderr)
     if outcome == "switched":
         return EXIT_OK
-    if outcome is None and run.timed_out:
+    if outcome is None and timed_out:
         return EXIT_TIMEOUT
     return EXIT_FAILED

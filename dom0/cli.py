@@ -95,11 +95,19 @@ def cmd_collect(args: argparse.Namespace) -> int:
 
 
 def cmd_boot(args: argparse.Namespace) -> int:
+    state_dir = Path(args.state_dir) if args.state_dir else None
+    if args.hypervisor == "xen":
+        from .xen import boot_domain_xen
+
+        if args.accel:
+            raise UserError(f"--accel {args.accel}: expected no --accel with --hypervisor xen "
+                            "(it chooses qemu's accelerator)")
+        return boot_domain_xen(Path(args.config), timeout=args.timeout, after=args.after,
+                               state_dir=state_dir, as_json=args.json)
     from .boot import boot_domain
 
     return boot_domain(Path(args.config), accel=args.accel, timeout=args.timeout,
-                       after=args.after, state_dir=Path(args.state_dir) if args.state_dir else None,
-                       as_json=args.json)
+                       after=args.after, state_dir=state_dir, as_json=args.json)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -152,8 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     boot = sub.add_parser("boot", help="start a domain from an xl config and collect its boot report")
     boot.add_argument("config", help="xl domain configuration (DOMAIN.cfg)")
-    boot.add_argument("--hypervisor", default="qemu", choices=("qemu",),
-                      help="qemu (Xen arrives with 'deploy')")
+    boot.add_argument("--hypervisor", default="qemu", choices=("qemu", "xen"),
+                      help="qemu (default; TCG or KVM, no Xen needed) or xen (xl, in a Xen dom0)")
     boot.add_argument("--accel", default=None, help="qemu accelerator: tcg (default) or kvm")
     boot.add_argument("--timeout", type=float, default=300.0, help="seconds before a hung guest is ended")
     boot.add_argument("--after", default="wait", choices=("wait", "stop"),
@@ -167,12 +175,14 @@ def build_parser() -> argparse.ArgumentParser:
     from .diagnose import add_parsers as add_diagnose_parsers
     from .patch_cli import add_parsers as add_patch_parsers
     from .trust_cli import add_parsers as add_trust_parsers
+    from .xenlab.cli import add_parsers as add_xenlab_parsers
 
     add_container_parser(sub)
     add_deploy_parsers(sub)
     add_diagnose_parsers(sub)
     add_patch_parsers(sub)
     add_trust_parsers(sub)
+    add_xenlab_parsers(sub)
 
     demo = sub.add_parser("demo", help="build, boot and report a demo domain under qemu")
     demo.add_argument("--workdir", help="where the demo's image, plan and initrd go")
