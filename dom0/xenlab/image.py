@@ -39,11 +39,12 @@ from .scripts import DOM0_INIT, INITRAMFS_INIT, ROOT_LABEL
 IMAGE_FORMAT = "1"   # bump when the layout below changes
 SUITE = "bookworm"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
-PACKAGES = ("xen-utils-4.17", "kmod", "procps", "python3", "e2fsprogs")
-# Loaded by dom0's init (modprobe): Xen's device back ends and the loop driver
-# that the block hotplug script attaches raw image files with.
+PACKAGES = ("xen-utils-4.17", "kmod", "procps", "python3", "e2fsprogs", "lvm2")
+# Loaded by dom0's init (modprobe): Xen's device back ends, the loop driver
+# that the block hotplug script attaches raw image files with, and
+# device-mapper's snapshots for LVM copy-on-write exports.
 DOM0_MODULES = ("xen-evtchn", "xenfs", "xen-privcmd", "xen-gntdev", "xen-gntalloc",
-                "xen-blkback", "loop", "virtio_pci", "virtio_blk", "ext4")
+                "xen-blkback", "loop", "virtio_pci", "virtio_blk", "ext4", "dm-snapshot")
 # Loaded by the initramfs (insmod, in dependency order) to reach the root disk.
 INITRAMFS_MODULES = ("virtio_pci", "virtio_blk", "ext4")
 BUSYBOX = Path("/bin/busybox")

@@ -58,7 +58,9 @@ mount -t tmpfs tmpfs /tmp
 mount -o remount,rw /
 mkdir -p /run/lock /run/xen /var/log/xen/console /var/lib/xen
 hostname xenlab-dom0
-modprobe -a xen-evtchn xenfs xen-privcmd xen-gntdev xen-gntalloc xen-blkback loop
+modprobe -a xen-evtchn xenfs xen-privcmd xen-gntdev xen-gntalloc xen-blkback loop dm-snapshot
+# No udev here: LVM makes its device nodes itself instead of waiting for udev's.
+export DM_DISABLE_UDEV=1
 mount -t xenfs xenfs /proc/xen
 /usr/lib/xen-4.17/bin/oxenstored --pid-file /run/xen/xenstored.pid
 for i in $(seq 150); do xenstore-read -s / >/dev/null 2>&1 && break; sleep 0.2; done

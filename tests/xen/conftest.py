@@ -48,6 +48,29 @@ for name in xen-pv xen-pvh; do
   python3 -m dom0 diagnose "$OUT/state/$name/report.json" > "$OUT/$name.diagnose.txt" 2>&1
   echo "== $name: deploy $(cat "$OUT/$name.boot.rc")"
 done
+# LVM: a volume group on a loop device whose origin volume holds the shared root; the domain
+# gets a snapshot of it (deploy's [export /dev/VG/LV ... cow]) and the origin must not change.
+size=$(stat -c %s shared.img)
+truncate -s $(( size + 96 * 1048576 )) "$IN/pv.img"
+loop=$(losetup --find --show "$IN/pv.img")
+{ pvcreate -q "$loop" && vgcreate -q scxen "$loop" \
+  && lvcreate -q -y -L $(( size / 1048576 + 4 ))m -n root scxen \
+  && dd if=shared.img of=/dev/scxen/root bs=1M conv=fsync status=none; } > "$OUT/lvm-setup.log" 2>&1
+echo $? > "$OUT/lvm-setup.rc"
+sha256sum /dev/scxen/root | cut -d' ' -f1 > "$OUT/lvm-origin.before"
+for name in xen-lvm; do
+  t0=$(stamp)
+  python3 -m dom0 deploy --hypervisor xen --sign-key xen.key --state-dir "$OUT/state" \
+    --timeout @GUEST_TIMEOUT@ --json "$name.ct" > "$OUT/$name.deploy.json" 2> "$OUT/$name.boot.err"
+  echo $? > "$OUT/$name.boot.rc"
+  t2=$(stamp)
+  echo "$t0 $t2" > "$OUT/$name.times"
+  echo "== $name: deploy $(cat "$OUT/$name.boot.rc")"
+done
+sha256sum /dev/scxen/root | cut -d' ' -f1 > "$OUT/lvm-origin.after"
+lvs --noheadings -o lv_name,origin scxen > "$OUT/lvs.txt" 2>&1
+debugfs -R "cat /etc/hostname" /dev/scxen/xen-lvm-xvda > "$OUT/lvm-snapshot-hostname.txt" 2>/dev/null
+vgchange -q -an scxen >/dev/null 2>&1; losetup -d "$loop"
 for name in xen-bad; do
   t0=$(stamp)
   python3 -m dom0 prepare-initrd --trust trusted.pub --plan "$name.json" -o "$name.initrd" --json \
@@ -172,6 +195,12 @@ def make_inputs(inputs: Path, kernel, secret: Path, public: Path) -> None:
     for name, kind in zip(GUESTS, ("pv", "pvh")):
         make_ext4_image(empty, inputs / f"{name}-upper.img", f"{name}-upper", size_mib=16)
         (inputs / f"{name}.ct").write_text(guest_container(name, kind))
+    (inputs / "xen-lvm.ct").write_text(
+        'name = "xen-lvm"\ntype = "pv"\nmemory = 256\nextra = "console=hvc0"\n'
+        'on_poweroff = "destroy"\non_reboot = "destroy"\non_crash = "destroy"\n'
+        "[export /dev/scxen/root xvda cow snapshot xen-lvm-xvda snapshot-size 16M] [end]\n"
+        f"[mount {SHARED_LABEL} / rw] [end]\n"
+        "[replace /etc/hostname at boot\n\nxen-lvm\n] [end]\n")
     # The paper's container, processed here with vm-container as the paper runs it (Figure 2);
     # its stripped config goes to xl create -n in dom0.
     paper = inputs.parent / "paper"
@@ -222,7 +251,7 @@ def xen_session(tmp_path_factory, kernel, xen_keys) -> XenSession:
                          warm_trust=[[inputs / "trusted.pub"]])
     timings = dict(result.timings, dom0_cached=dom0.cached, dom0_build=round(build_seconds, 1),
                    dom0_ready_uptime=result.dom0_ready_seconds, total=round(time.monotonic() - started, 1))
-    for name in (*GUESTS, BAD):
+    for name in (*GUESTS, "xen-lvm", BAD):
         stamps = (result.files_dir / f"{name}.times")
         if stamps.is_file():
             stamp = [float(x) for x in stamps.read_text().split()]

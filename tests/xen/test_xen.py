@@ -147,3 +147,20 @@ def test_failing_patch_is_diagnosed_as_under_qemu(xen_session, kernel, tmp_path)
     xen_text = xen_session.text(f"{BAD}.diagnose.txt")
     assert "expected-name" in xen_text and "shared" in xen_text
     assert _diagnosis_lines(xen_text) == _diagnosis_lines(qemu_text)
+
+
+def test_deploy_gives_a_domain_an_lvm_snapshot_and_the_origin_stays(xen_session):
+    """[export /dev/VG/LV ... cow]: dom0 makes an LVM snapshot, the domain boots from it on
+    blkback and changes it; the origin volume (the shared image) is byte for byte the same."""
+    assert xen_session.text("lvm-setup.rc").strip() == "0", xen_session.text("lvm-setup.log")
+    assert xen_session.text("xen-lvm.boot.rc").strip() == str(EXIT_OK), (
+        xen_session.text("xen-lvm.boot.err")[-3000:] + xen_session.console("xen-lvm")[-3000:])
+    assert xen_session.report("xen-lvm")["outcome"]["outcome"] == "switched"
+    deployed = json.loads(xen_session.text("xen-lvm.deploy.json"))
+    assert "target=/dev/scxen/xen-lvm-xvda" in deployed["xl"] and "phy" in deployed["xl"]
+    volumes = dict(line.split() if len(line.split()) == 2 else (line.strip(), "")
+                   for line in xen_session.text("lvs.txt").splitlines() if line.strip())
+    assert volumes.get("xen-lvm-xvda") == "root", volumes
+    before, after = xen_session.text("lvm-origin.before").strip(), xen_session.text("lvm-origin.after").strip()
+    assert len(before) == 64 and before == after
+    assert xen_session.text("lvm-snapshot-hostname.txt") == "xen-lvm\n"
