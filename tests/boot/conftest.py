@@ -54,3 +54,33 @@ def write_domain(path: Path, name: str, kernel, initrd: Path, disks: list[Path])
         "disk": [f"format=raw,vdev=xvd{chr(97 + i)},access=rw,target={d}" for i, d in enumerate(disks)],
     }))
     return path
+
+
+#: /etc/hosts of the pipeline and power-cut roots, and a patch of it that changes one line.
+HOSTS = b"127.0.0.1 localhost\n10.0.0.1 gateway\n10.0.0.2 db\n"
+HOSTS_PATCH = b"""--- a/hosts
++++ b/hosts
+@@ -1,3 +1,3 @@
+ 127.0.0.1 localhost
+ 10.0.0.1 gateway
+-10.0.0.2 db
++10.0.0.9 db
+"""
+
+
+def signed_domain(tmp: Path, kernel, keys, plan: dict, name: str, disk: Path, mac: str) -> Path:
+    """The plan signed with the trusted key, an initrd trusting it, and a one-disk xl config with a NIC."""
+    from dom0.initrd import load_trust, prepare_initrd
+    from dom0.keys import sign_with
+
+    (secret, public), _ = keys
+    plan_file = tmp / f"{name}.plan.json"
+    plan_file.write_text(json.dumps(plan))
+    sign_with(plan_file, secret)
+    initrd = tmp / f"{name}.initrd"
+    prepare_initrd(kernel, initrd, plan=plan_file, trust=load_trust([str(public)], False))
+    cfg = tmp / f"{name}.cfg"
+    cfg.write_text(write_xl_config({"name": name, "kernel": str(kernel.vmlinuz), "ramdisk": str(initrd),
+                                    "memory": 512, "vif": [f"mac={mac}"],
+                                    "disk": [f"format=raw,vdev=xvda,access=rw,target={disk}"]}))
+    return cfg

@@ -17,11 +17,10 @@ from pathlib import Path
 import pytest
 
 from dom0.boot import boot_domain
-from dom0.initrd import load_trust, prepare_initrd
-from dom0.keys import sign_with
 from dom0.nfs import Export, GaneshaConfig, free_port, serve
 from dom0.rootfs import busybox_tree, make_ext4_image
-from dom0.xlcfg import write_xl_config
+
+from .conftest import signed_domain
 
 pytestmark = [
     pytest.mark.boot,
@@ -81,17 +80,7 @@ def _plan(port: int, timeout: float = 30, options: list[str] | None = None) -> d
 
 
 def _boot(tmp: Path, kernel, keys, plan: dict, name: str) -> tuple[int, dict, str]:
-    (secret, public), _ = keys
-    plan_file = tmp / f"{name}.plan.json"
-    plan_file.write_text(json.dumps(plan))
-    sign_with(plan_file, secret)
-    initrd = tmp / f"{name}.initrd"
-    prepare_initrd(kernel, initrd, plan=plan_file, trust=load_trust([str(public)], False))
-    disk = _root_image(tmp)
-    cfg = tmp / f"{name}.cfg"
-    cfg.write_text(write_xl_config({"name": name, "kernel": str(kernel.vmlinuz), "ramdisk": str(initrd),
-                                    "memory": 512, "vif": [f"mac={MAC}"],
-                                    "disk": [f"format=raw,vdev=xvda,access=rw,target={disk}"]}))
+    cfg = signed_domain(tmp, kernel, keys, plan, name, _root_image(tmp), MAC)
     code = boot_domain(cfg, timeout=300, after="wait", state_dir=tmp / "state", quiet=True)
     state = tmp / "state" / name
     return code, json.loads((state / "report.json").read_text()), (state / "console.log").read_text(errors="replace")

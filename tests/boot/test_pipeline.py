@@ -22,10 +22,9 @@ import pytest
 
 from dom0.boot import boot_domain
 from dom0.cpio import CpioWriter
-from dom0.initrd import load_trust, prepare_initrd
-from dom0.keys import sign_with
 from dom0.rootfs import busybox_tree, make_ext4_image
-from dom0.xlcfg import write_xl_config
+
+from .conftest import HOSTS, HOSTS_PATCH, signed_domain
 
 pytestmark = pytest.mark.boot
 
@@ -40,15 +39,7 @@ echo "pipe-init: app=$(cat /opt/app/version)"
 echo "pipe-init: hook-runs=$(wc -l < /etc/hook-ran)"
 poweroff -f
 """
-HOSTS = b"127.0.0.1 localhost\n10.0.0.1 gateway\n10.0.0.2 db\n"
-PATCH = b"""--- a/hosts
-+++ b/hosts
-@@ -1,3 +1,3 @@
- 127.0.0.1 localhost
- 10.0.0.1 gateway
--10.0.0.2 db
-+10.0.0.9 db
-"""
+PATCH = HOSTS_PATCH
 BAD_PATCH = b"""--- a/hosts
 +++ b/hosts
 @@ -1,3 +1,3 @@
@@ -103,17 +94,7 @@ def _plan(served_dir: Path, port: int, patch: str) -> dict:
 
 
 def _domain(tmp, kernel, keys, plan: dict, name: str, disk: Path) -> Path:
-    (secret, public), _ = keys
-    plan_file = tmp / f"{name}.plan.json"
-    plan_file.write_text(json.dumps(plan))
-    sign_with(plan_file, secret)
-    initrd = tmp / f"{name}.initrd"
-    prepare_initrd(kernel, initrd, plan=plan_file, trust=load_trust([str(public)], False))
-    cfg = tmp / f"{name}.cfg"
-    cfg.write_text(write_xl_config({"name": name, "kernel": str(kernel.vmlinuz), "ramdisk": str(initrd),
-                                    "memory": 512, "vif": [f"mac={MAC}"],
-                                    "disk": [f"format=raw,vdev=xvda,access=rw,target={disk}"]}))
-    return cfg
+    return signed_domain(tmp, kernel, keys, plan, name, disk, MAC)
 
 
 def _boot(tmp, cfg: Path, name: str) -> tuple[int, dict, str]:
@@ -171,7 +152,7 @@ def test_pipeline_applies_everything_then_converges(tmp_path, kernel, served, si
 def test_patch_that_does_not_fit_changes_nothing_and_is_diagnosed(tmp_path, kernel, served, signing_keys):
     served_dir, port = served
     disk = _root_image(tmp_path)
-    before = disk.read_bytes()
+    before = _files(disk, tmp_path)
     cfg = _domain(tmp_path, kernel, signing_keys, _plan(served_dir, port, "bad.patch"), "web2", disk)
 
     code, report, console = _boot(tmp_path, cfg, "web2")
@@ -182,9 +163,10 @@ def test_patch_that_does_not_fit_changes_nothing_and_is_diagnosed(tmp_path, kern
     assert apply["status"] == "failed"
     assert apply["details"]["step"] == 2 and apply["details"]["committed"] is False
     assert report["outcome"]["outcome"] == "halted"
-    # Nothing committed: the earlier replace and copy never reached the disk.
+    # Nothing committed: the earlier replace and copy never reached the disk, nor anything else.
     debugfs = subprocess.run(["debugfs", "-R", "cat /etc/hostname", str(disk)], capture_output=True, text=True)
     assert debugfs.stdout == "unconfigured\n"
+    assert _files(disk, tmp_path) == before
 
     diagnosis = subprocess.run([sys.executable, "-m", "dom0", "diagnose", str(tmp_path / "state" / "web2" / "report.json")],
                                capture_output=True, text=True)

@@ -44,6 +44,8 @@ from dom0.qemu import QemuSettings, find_qemu, qemu_command
 from dom0.rootfs import busybox_tree, make_ext4_image
 from dom0.xlcfg import load_domain_config, write_xl_config
 
+from .conftest import HOSTS, HOSTS_PATCH
+
 pytestmark = pytest.mark.boot
 
 ROOT_LABEL = "sc-pc-root"
@@ -57,15 +59,7 @@ mount -o remount,ro /etc
 mount -o remount,ro /
 poweroff -f
 """
-HOSTS = b"127.0.0.1 localhost\n10.0.0.1 gateway\n10.0.0.2 db\n"
-PATCH = b"""--- a/hosts
-+++ b/hosts
-@@ -1,3 +1,3 @@
- 127.0.0.1 localhost
- 10.0.0.1 gateway
--10.0.0.2 db
-+10.0.0.9 db
-"""
+PATCH = HOSTS_PATCH
 HOOK = """set -e
 echo "$SUPERCHARGE_DOMAIN" >> /etc/hook-ran
 mkdir -p /var/lib/app

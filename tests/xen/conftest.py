@@ -36,18 +36,20 @@ JOB = r"""
 set -u
 cd "$IN"
 stamp() { date +%s.%N; }
-xl create -n dry.cfg > "$OUT/dry.out" 2> "$OUT/dry.err"; echo $? > "$OUT/dry.rc"
-xl create -n paper.cfg > "$OUT/paper.out" 2> "$OUT/paper.err"; echo $? > "$OUT/paper.rc"
-for name in xen-pv xen-pvh; do
+deploy() {  # deploy NAME: supercharge deploy --hypervisor xen of NAME.ct, its outputs in $OUT
+  local name=$1 t0
   t0=$(stamp)
   python3 -m dom0 deploy --hypervisor xen --sign-key xen.key --state-dir "$OUT/state" \
     --timeout @GUEST_TIMEOUT@ --json "$name.ct" > "$OUT/$name.deploy.json" 2> "$OUT/$name.boot.err"
   echo $? > "$OUT/$name.boot.rc"
-  t2=$(stamp)
-  echo "$t0 $t2" > "$OUT/$name.times"
+  echo "$t0 $(stamp)" > "$OUT/$name.times"
   python3 -m dom0 diagnose "$OUT/state/$name/report.json" > "$OUT/$name.diagnose.txt" 2>&1
   echo "== $name: deploy $(cat "$OUT/$name.boot.rc")"
-done
+}
+xl create -n dry.cfg > "$OUT/dry.out" 2> "$OUT/dry.err"; echo $? > "$OUT/dry.rc"
+xl create -n paper.cfg > "$OUT/paper.out" 2> "$OUT/paper.err"; echo $? > "$OUT/paper.rc"
+deploy xen-pv
+deploy xen-pvh
 # LVM: a volume group on a loop device whose origin volume holds the shared root; the domain
 # gets a snapshot of it (deploy's [export /dev/VG/LV ... cow]) and the origin must not change.
 size=$(stat -c %s shared.img)
@@ -58,15 +60,7 @@ loop=$(losetup --find --show "$IN/pv.img")
   && dd if=shared.img of=/dev/scxen/root bs=1M conv=fsync status=none; } > "$OUT/lvm-setup.log" 2>&1
 echo $? > "$OUT/lvm-setup.rc"
 sha256sum /dev/scxen/root | cut -d' ' -f1 > "$OUT/lvm-origin.before"
-for name in xen-lvm; do
-  t0=$(stamp)
-  python3 -m dom0 deploy --hypervisor xen --sign-key xen.key --state-dir "$OUT/state" \
-    --timeout @GUEST_TIMEOUT@ --json "$name.ct" > "$OUT/$name.deploy.json" 2> "$OUT/$name.boot.err"
-  echo $? > "$OUT/$name.boot.rc"
-  t2=$(stamp)
-  echo "$t0 $t2" > "$OUT/$name.times"
-  echo "== $name: deploy $(cat "$OUT/$name.boot.rc")"
-done
+deploy xen-lvm
 sha256sum /dev/scxen/root | cut -d' ' -f1 > "$OUT/lvm-origin.after"
 lvs --noheadings -o lv_name,origin scxen > "$OUT/lvs.txt" 2>&1
 debugfs -R "cat /etc/hostname" /dev/scxen/xen-lvm-xvda > "$OUT/lvm-snapshot-hostname.txt" 2>/dev/null
