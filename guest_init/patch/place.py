@@ -274,51 +274,62 @@ def place_hunks(content: bytes, hunks: list[Hunk], max_fuzz: int, *, lines: list
     frozen = pos = out_offset = in_offset = 0
     taken = 0
     if lines is None:
-        # Only an estimate for _line_start: counting every line first would cost
-        # as much as splitting the file.
-        avg = 40
+        # The average line length, for _line_start's windows: from the first 64 KiB
+        # (counting every line would cost as much as splitting the file).
+        sample = content.count(b"\n", 0, 65536)
+        avg = max(1, min(len(content), 65536) // sample) if sample else 80
         for h in hunks:
             old_lines, new_lines = h.old_lines, h.new_lines
             pat_lines = len(old_lines)
-            prefix = h.prefix_context
-            if not (pat_lines and prefix == h.suffix_context
-                    and old_lines[-1][-1:] == b"\n" and (not new_lines or new_lines[-1][-1:] == b"\n")):
+            prefix, suffix = h.prefix_context, h.suffix_context
+            if not (pat_lines and old_lines[-1][-1:] == b"\n" and (not new_lines or new_lines[-1][-1:] == b"\n")):
                 break
-            # The file must hold the stated lines, each ending in a newline as the
-            # old side's do: the same test as "first_guess <= n - pat_lines + 1"
-            # plus the comparison of the line-based path.
             first_guess = h.first + in_offset
             old = b"".join(old_lines)
-            start = _line_start(content, pos, first_guess - 1 - frozen, avg) if frozen < first_guess else -1
-            if start >= 0 and content.startswith(old, start):
-                where = first_guess
-            elif exact_only:
-                if stop_on_failure:  # a yes/no question: no need to split the file to answer it
-                    results.append(HunkResult(h.number, h.header, "failed", None, first_guess + out_offset,
-                                              in_offset, 0, reason="its old lines are not at the stated line"))
-                    return b"", results
-                break
-            else:
-                # GNU's offset search without fuzz: the nearest place, forward first.
-                found = _nearest(content, old, pos, frozen + 1, first_guess)
-                if found is None:
+            if exact_only or prefix == suffix or (prefix < suffix and h.first > 1):
+                # The file must hold the stated lines, each ending in a newline as the
+                # old side's do: the same test as "first_guess <= n - pat_lines + 1"
+                # plus the comparison of the line-based path.
+                start = _line_start(content, pos, first_guess - 1 - frozen, avg) if frozen < first_guess else -1
+                if start >= 0 and content.startswith(old, start):
+                    where = first_guess
+                elif exact_only:
+                    if stop_on_failure:  # a yes/no question: no need to split the file to answer it
+                        results.append(HunkResult(h.number, h.header, "failed", None, first_guess + out_offset,
+                                                  in_offset, 0, reason="its old lines are not at the stated line"))
+                        return b"", results
                     break
-                where, start = found
+                else:
+                    # GNU's offset search without fuzz: the nearest place, forward first.
+                    found = _nearest(content, old, pos, frozen + 1, first_guess)
+                    if found is None:
+                        break
+                    where, start = found
+                    in_offset += where - first_guess
+            elif prefix < suffix:
+                # Less context before than after: made at the start of the file, fits only there.
+                if frozen or not content.startswith(old):
+                    break
+                where, start = 1, 0
+                in_offset += 1 - first_guess
+            else:
+                # Less context after: made at the end of the file, fits only there.
+                start = len(content) - len(old)
+                if start < pos or (start and content[start - 1] != 10) or not content.endswith(old):
+                    break
+                where = frozen + 1 + content.count(b"\n", pos, start)
                 in_offset += where - first_guess
             if creating and where == 1 and input_size:
                 break
-            if prefix:
-                head = start + sum(map(len, old_lines[:prefix]))
-                tail = start + len(old) - sum(map(len, old_lines[pat_lines - prefix:]))
-            else:
-                head, tail = start, start + len(old)
+            head = start + sum(map(len, old_lines[:prefix])) if prefix else start
+            tail = start + len(old) - (sum(map(len, old_lines[pat_lines - suffix:])) if suffix else 0)
             if pos < head:
                 out.append(content[pos:head])
-            out.extend(new_lines[prefix:len(new_lines) - prefix])
+            out.extend(new_lines[prefix:len(new_lines) - suffix])
             results.append(HunkResult(h.number, h.header, "applied", where, where + out_offset,
                                       in_offset, 0))
             pos = tail
-            frozen = where - 1 + pat_lines - prefix
+            frozen = where - 1 + pat_lines - suffix
             out_offset += len(new_lines) - pat_lines
             taken += 1
         else:
@@ -368,33 +379,35 @@ def place_hunks(content: bytes, hunks: list[Hunk], max_fuzz: int, *, lines: list
 def _line_start(data: bytes, pos: int, k: int, avg: int) -> int:
     """The offset of the line ``k`` lines after the one starting at ``pos``; -1 past the end.
 
-    Counting newlines in windows sized from the average line length, then
-    stepping back to the exact one, costs a few C-speed calls per hunk
-    instead of one Python step per line.
+    One count of newlines over a window sized from the average line length
+    (a little more than needed), then a few steps back to the exact one:
+    a handful of C-speed calls per hunk instead of one Python step per line.
     """
-    find = data.find
+    if k <= 3:
+        for _ in range(k):
+            pos = data.find(b"\n", pos) + 1
+            if not pos:
+                return -1
+        return pos
     size = len(data)
-    while k > 16:
-        window = (k - 8) * avg
+    while True:
+        window = (k + 2) * avg
         c = data.count(b"\n", pos, pos + window)
         if c < k:
             if pos + window >= size:
                 return -1
             pos += window
             k -= c
+            avg += avg >> 1   # longer lines than guessed
             continue
-        if c - k > 32:
-            avg = max(1, avg // 2)  # lines here are much shorter than the average
+        if c - k > 8 and avg > 1:
+            avg = max(1, avg * k // c)  # shorter lines than guessed: a tighter window
             continue
         p = pos + window
         for _ in range(c - k + 1):
             p = data.rfind(b"\n", pos, p)
         return p + 1
-    for _ in range(k):
-        pos = find(b"\n", pos) + 1
-        if not pos:
-            return -1
-    return pos
+
 
 
 def _nearest(data: bytes, old: bytes, pos: int, line: int, first_guess: int) -> tuple[int, int] | None:
