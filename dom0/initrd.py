@@ -144,6 +144,33 @@ def _suffix(method: str) -> str:
     return {"zstd": ".zst", "gzip": ".gz", "xz": ".xz", "none": ""}[method]
 
 
+@dataclass(frozen=True)
+class BaseCacheEntry:
+    """Where the base initrd for one set of inputs lives in the cache: its key, archive and metadata."""
+
+    key: str
+    archive: Path
+    meta: Path
+    modules: list[str]
+    ca: Path | None
+
+
+def base_cache_entry(agent: FrozenAgent, kernel: KernelRef, *, extra_modules: list[str] = (),
+                     method: str = "zstd", level: int | None = None,
+                     trust: TrustSettings = TrustSettings()) -> BaseCacheEntry:
+    """The cache entry :func:`build_base` uses for these inputs (whether it exists yet or not).
+
+    Shared with the Xen lab, which files a base built on the host under the
+    key that dom0 computes for the same inputs.
+    """
+    modules = read_list(DEFAULT_MODULES) + [m for m in extra_modules if m]
+    ca = _ca_bundle()
+    key = _base_key(agent, kernel, modules, method, level, ca, trust)
+    store = cache_dir("initrd")
+    return BaseCacheEntry(key, store / f"base-{key}.cpio{_suffix(method)}", store / f"base-{key}.json",
+                          modules, ca)
+
+
 def _write_base(writer: CpioWriter, agent: FrozenAgent, kernel: KernelRef,
                 modules: list[str], ca: Path | None, trust: TrustSettings) -> tuple[list[str], list[str]]:
     from .elf import library_closure  # noqa: PLC0415 - pyelftools only for builds
@@ -205,13 +232,10 @@ def build_base(kernel: KernelRef, *, extra_modules: list[str] = (), method: str 
     if method not in METHODS:
         raise UserError(f"unknown compression '{method}': expected one of {', '.join(METHODS)}")
     started = time.monotonic()
-    modules = read_list(DEFAULT_MODULES) + [m for m in extra_modules if m]
     agent = freeze_agent()
-    ca = _ca_bundle()
-    key = _base_key(agent, kernel, modules, method, level, ca, trust)
-    store = cache_dir("initrd")
-    path = store / f"base-{key}.cpio{_suffix(method)}"
-    meta = store / f"base-{key}.json"
+    entry = base_cache_entry(agent, kernel, extra_modules=extra_modules, method=method, level=level,
+                             trust=trust)
+    key, path, meta, modules, ca = entry.key, entry.archive, entry.meta, entry.modules, entry.ca
     if path.is_file() and meta.is_file() and not force:
         doc = json.loads(meta.read_text())
         doc.update(path=path, cached=True, agent_cached=agent.cached,

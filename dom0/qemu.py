@@ -231,7 +231,7 @@ def run_qemu(cmd: list[str], console: Path, *, timeout: float,
     started = time.monotonic()
     with open(log, "wb") as log_file:
         proc = _start(argv, log_file)
-    watcher = _ConsoleWatcher(console)
+    watcher = ConsoleWatcher(console)
     stopped = timed_out = False
     try:
         while proc.poll() is None:
@@ -285,7 +285,7 @@ def _signal_group(pgid: int, sig: signal.Signals) -> None:
         pass
 
 
-class _ConsoleWatcher:
+class ConsoleWatcher:
     """Reads what was appended to the console file since the last look."""
 
     def __init__(self, path: Path) -> None:

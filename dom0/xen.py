@@ -27,7 +27,7 @@ from pathlib import Path
 
 from .boot import domain_state_dir, finish_boot, report_stopper
 from .errors import EnvironmentProblem, UserError
-from .qemu import _ConsoleWatcher
+from .qemu import ConsoleWatcher
 from .xlcfg import DomainConfig, load_domain_config, write_xl_config
 
 XL = "xl"
@@ -182,7 +182,7 @@ def _wait_attached(watcher: subprocess.Popen[bytes], console: Path) -> None:
 def _watch(xl: str, name: str, watcher: subprocess.Popen[bytes], console: Path, started: float,
            timeout: float, after: str) -> tuple[bool, bool, bool]:
     """Poll the capture until the report says stop, the domain goes away, or time runs out."""
-    capture = _ConsoleWatcher(console)
+    capture = ConsoleWatcher(console)
     should_stop = report_stopper(after)
     next_check = time.monotonic() + LIVENESS_EVERY
     console_open = True

@@ -340,28 +340,6 @@ class _Decoder:
         return out
 
 
-class _ZlibAdapter:
-    read_size = 64 * 1024
-
-    def __init__(self, obj: Any) -> None:
-        self.obj = obj
-
-    @property
-    def eof(self) -> bool:
-        return self.obj.eof
-
-    @property
-    def unused_data(self) -> bytes:
-        return self.obj.unused_data
-
-    @property
-    def needs_input(self) -> bool:
-        return not self.obj.unconsumed_tail
-
-    def decompress(self, data: bytes, max_length: int) -> bytes:
-        return self.obj.decompress(self.obj.unconsumed_tail + data, max_length)
-
-
 class _StdAdapter:
     """lzma and bz2 decompressors: they keep their own unconsumed input."""
 
@@ -384,6 +362,17 @@ class _StdAdapter:
 
     def decompress(self, data: bytes, max_length: int) -> bytes:
         return self.obj.decompress(data, max_length)
+
+
+class _ZlibAdapter(_StdAdapter):
+    """zlib hands back what it could not use under ``max_length`` as ``unconsumed_tail``."""
+
+    @property
+    def needs_input(self) -> bool:
+        return not self.obj.unconsumed_tail
+
+    def decompress(self, data: bytes, max_length: int) -> bytes:
+        return self.obj.decompress(self.obj.unconsumed_tail + data, max_length)
 
 
 class _ZstdAdapter:

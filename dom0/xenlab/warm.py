@@ -28,9 +28,8 @@ def _link(link: Path, target: Path) -> None:
 def main() -> int:
     from dom0.cache import cache_dir
     from dom0.freeze import FrozenAgent, agent_key
-    from dom0.initrd import DEFAULT_MODULES, _base_key, _ca_bundle, _suffix, load_trust
+    from dom0.initrd import base_cache_entry, load_trust
     from dom0.kernel import resolve_kernel
-    from dom0.kmod import read_module_list
 
     manifest = json.loads(MANIFEST.read_text())
     agents = cache_dir("agent")
@@ -38,16 +37,14 @@ def main() -> int:
     _link(agents / key, agents / manifest["agent"])
     agent = FrozenAgent(agents / key, key, cached=True)
     kernel = resolve_kernel(manifest["kernel"])
-    store = cache_dir("initrd")
     linked = []
     for base in manifest["bases"]:
-        trust = load_trust(base["trust"], False)
-        new = _base_key(agent, kernel, read_module_list(DEFAULT_MODULES), base["method"],
-                        base["level"], _ca_bundle(), trust)
-        suffix = _suffix(base["method"])
-        _link(store / f"base-{new}.cpio{suffix}", store / f"base-{base['key']}.cpio{suffix}")
-        _link(store / f"base-{new}.json", store / f"base-{base['key']}.json")
-        linked.append({"host": base["key"], "dom0": new})
+        entry = base_cache_entry(agent, kernel, method=base["method"], level=base["level"],
+                                 trust=load_trust(base["trust"], False))
+        host_archive = entry.archive.with_name(entry.archive.name.replace(entry.key, base["key"]))
+        _link(entry.archive, host_archive)
+        _link(entry.meta, entry.meta.with_name(f"base-{base['key']}.json"))
+        linked.append({"host": base["key"], "dom0": entry.key})
     print(json.dumps({"agent": {"host": manifest["agent"], "dom0": key}, "bases": linked}))
     return 0
 

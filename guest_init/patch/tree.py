@@ -27,6 +27,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -93,6 +94,15 @@ class Node:
     def same(self, other: Node | None) -> bool:
         return (other is not None and self.kind == other.kind and self.content == other.content
                 and (self.kind == "symlink" or self.mode == other.mode))
+
+
+def _unlink_quietly(paths: Iterable[Path]) -> None:
+    """Remove temporary files and backups; one already gone is no error."""
+    for path in paths:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
 
 
 #: Stands for "not in the overlay" where None already means "deleted".
@@ -352,12 +362,7 @@ class Tree:
         except OSError as exc:
             self._rollback(staged, backups, done)
             raise CommitError(current_key, exc.strerror or str(exc)) from exc
-        for link in backups.values():
-            if link is not None:
-                try:
-                    os.unlink(link)
-                except OSError:
-                    pass
+        _unlink_quietly(link for link in backups.values() if link is not None)
         self._remove_emptied_dirs([k for k, _, a in changes if a is None])
 
     def _goes(self, key: str) -> bool:
@@ -481,17 +486,8 @@ class Tree:
                     os.chmod(path, mode)
             except OSError:
                 pass
-        for tmp, _, _ in staged:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-        for link in backups.values():
-            if link is not None:
-                try:
-                    os.unlink(link)
-                except OSError:
-                    pass
+        _unlink_quietly(tmp for tmp, _, _ in staged)
+        _unlink_quietly(link for link in backups.values() if link is not None)
 
     def _remove_emptied_dirs(self, removed: list[str]) -> None:
         """Remove directories left empty by deletions, up to (not including) the root.
