@@ -274,10 +274,11 @@ def place_hunks(content: bytes, hunks: list[Hunk], max_fuzz: int, *, lines: list
     frozen = pos = out_offset = in_offset = 0
     taken = 0
     if lines is None:
-        # The average line length, for _line_start's windows: from the first 64 KiB
-        # (counting every line would cost as much as splitting the file).
-        sample = content.count(b"\n", 0, 65536)
-        avg = max(1, min(len(content), 65536) // sample) if sample else 80
+        # The average line length, for _line_start's first window: from the first
+        # 4 KiB (the windows adapt as they go; counting newlines is ~1 ns a byte,
+        # so a larger sample costs more than the better guess saves).
+        sample = content.count(b"\n", 0, 4096)
+        avg = max(1, min(len(content), 4096) // sample) if sample else 80
         for h in hunks:
             old_lines, new_lines = h.old_lines, h.new_lines
             pat_lines = len(old_lines)
@@ -287,25 +288,25 @@ def place_hunks(content: bytes, hunks: list[Hunk], max_fuzz: int, *, lines: list
             first_guess = h.first + in_offset
             old = b"".join(old_lines)
             if exact_only or prefix == suffix or (prefix < suffix and h.first > 1):
-                # The file must hold the stated lines, each ending in a newline as the
-                # old side's do: the same test as "first_guess <= n - pat_lines + 1"
-                # plus the comparison of the line-based path.
-                start = _line_start(content, pos, first_guess - 1 - frozen, avg) if frozen < first_guess else -1
-                if start >= 0 and content.startswith(old, start):
-                    where = first_guess
-                elif exact_only:
-                    if stop_on_failure:  # a yes/no question: no need to split the file to answer it
+                # GNU's offset search without fuzz: the nearest line-aligned place of
+                # the old side (each of its lines ending in a newline, as the file's
+                # must), offset 0 first, then forward before backward.  Found by a
+                # substring search and one newline count over the gap, where walking
+                # to the stated line first would count the same bytes and more.
+                found = _nearest(content, old, pos, frozen + 1, first_guess)
+                if found is _TOO_COMMON:
+                    # Very common text: only the stated line is checked here; the
+                    # line-based search decides the rest.
+                    start = _line_start(content, pos, first_guess - 1 - frozen, avg) if frozen < first_guess else -1
+                    found = (first_guess, start) if start >= 0 and content.startswith(old, start) else None
+                if found is None or (exact_only and found[0] != first_guess):
+                    if exact_only and stop_on_failure:  # a yes/no question: no need to split the file
                         results.append(HunkResult(h.number, h.header, "failed", None, first_guess + out_offset,
                                                   in_offset, 0, reason="its old lines are not at the stated line"))
                         return b"", results
                     break
-                else:
-                    # GNU's offset search without fuzz: the nearest place, forward first.
-                    found = _nearest(content, old, pos, frozen + 1, first_guess)
-                    if found is None:
-                        break
-                    where, start = found
-                    in_offset += where - first_guess
+                where, start = found  # type: ignore[misc]
+                in_offset += where - first_guess
             elif prefix < suffix:
                 # Less context before than after: made at the start of the file, fits only there.
                 if frozen or not content.startswith(old):
@@ -410,23 +411,40 @@ def _line_start(data: bytes, pos: int, k: int, avg: int) -> int:
 
 
 
+#: What :func:`_nearest` returns for text found too often to search for this way.
+_TOO_COMMON = (0, -1)
+
+
 def _nearest(data: bytes, old: bytes, pos: int, line: int, first_guess: int) -> tuple[int, int] | None:
-    """Where GNU's offset search (fuzz 0) puts ``old``: (line, offset) or None.
+    """Where GNU's offset search (fuzz 0) puts ``old``: (line, offset), or None if nowhere.
 
     ``pos`` is the start of line ``line``, the first the hunk may use.  The
     search order is offset 0, +1, -1, +2, -2...: so the nearest line-aligned
-    occurrence wins, the later one on a tie.  None also when the text is so
-    common that the line-based search is the better tool.
+    occurrence wins, the later one on a tie.  :data:`_TOO_COMMON` when the text
+    occurs so often before the stated line that the line-based search is the
+    better tool.
     """
     best: tuple[int, int, int] | None = None  # (distance, line, offset)
     counted = pos
-    at = data.find(old, pos)
+    # CPython searches with a two-way algorithm, whose set-up costs more than a
+    # hunk's search, once the needle reaches 100 bytes or the haystack 30,000:
+    # so the first 99 bytes are searched for in windows, and the rest compared.
+    needle = old[:99]
+    size = len(data)
+    end = min(size, pos + 24000)
+    at = data.find(needle, pos, end)
     seen = 0
-    while at >= 0:
+    while True:
+        if at < 0:
+            if end >= size:
+                break
+            at = data.find(needle, end - len(needle) + 1, min(size, end + 24000))
+            end = min(size, end + 24000)
+            continue
         seen += 1
         if seen > 64:
-            return None
-        if at == 0 or data[at - 1] == 10:
+            return _TOO_COMMON
+        if (at == 0 or data[at - 1] == 10) and data.startswith(old, at):
             line += data.count(b"\n", counted, at)
             counted = at
             delta = line - first_guess
@@ -435,5 +453,5 @@ def _nearest(data: bytes, old: bytes, pos: int, line: int, first_guess: int) -> 
                 best = (distance, line, at)
             if delta >= 0:
                 break  # every later place is farther
-        at = data.find(old, at + 1)
+        at = data.find(needle, at + 1, end)
     return None if best is None else (best[1], best[2])

@@ -700,3 +700,53 @@ def test_byte_placement_and_line_placement_give_the_same_result():
         assert by_bytes[0] == by_lines[0] == (new if content is old else b"top\n" * 5 + new)
         assert [(h.line, h.new_line, h.offset) for h in by_bytes[1]] == \
                [(h.line, h.new_line, h.offset) for h in by_lines[1]]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("drift", [0, 3, -2])
+def test_byte_placement_of_text_found_everywhere_agrees_with_line_placement(drift):
+    """A hunk whose old side occurs hundreds of times before its line (blank-ish, repeated
+    text): the substring search gives up and the stated line, or the line-based search,
+    decides; either way the result is the line-based placement's."""
+    from guest_init.patch.parse import parse_patch, split_lines
+    from guest_init.patch.place import place_hunks
+
+    old = b"a\n" * 300 + b"end\n"
+    new = b"a\n" * 150 + b"b\n" + b"a\n" * 149 + b"end\n"
+    import difflib
+
+    diff = "".join(difflib.unified_diff(old.decode().splitlines(True), new.decode().splitlines(True),
+                                        "a/f", "b/f")).encode()
+    hunks = parse_patch(diff)[0].hunks
+    content = b"top\n" * drift + old if drift >= 0 else old[2 * -drift:]
+    by_bytes = place_hunks(content, hunks, 2)
+    by_lines = place_hunks(content, hunks, 2, lines=split_lines(content))
+    assert by_bytes[0] == by_lines[0]
+    assert [(h.status, h.line, h.new_line, h.offset, h.fuzz) for h in by_bytes[1]] == \
+           [(h.status, h.line, h.new_line, h.offset, h.fuzz) for h in by_lines[1]]
+    assert all(h.status == "applied" for h in by_bytes[1])
+    for text in (content, content.replace(b"a\n", b"c\n", 200)):  # the stated line holds it / not
+        exact = place_hunks(text, hunks, 0, exact_only=True, stop_on_failure=True)[1]
+        exact_lines = place_hunks(text, hunks, 0, lines=split_lines(text), exact_only=True,
+                                  stop_on_failure=True)[1]
+        assert [h.status for h in exact] == [h.status for h in exact_lines] == \
+               ["applied" if text is content else "failed"]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("at_line", [0, 5, 599, 600, 601, 1199, 1200, 1201, 2990])
+def test_nearest_finds_the_place_gnu_would_across_search_windows(at_line):
+    """The offset search without fuzz looks in windows of the file: a match that straddles a
+    window's end, or lies several windows on, is found, and the nearest one wins."""
+    from guest_init.patch.place import _nearest
+
+    lines = [b"%039d\n" % i for i in range(3000)]  # 40 bytes a line: windows end mid-file
+    old = b"".join(b"unique %d %s\n" % (k, b"x" * 60) for k in range(3))  # longer than the needle
+    data_lines = list(lines)
+    data_lines[at_line:at_line] = [old]  # the old side, starting at line at_line + 1
+    data = b"".join(data_lines)
+    for first_guess in (1, at_line + 1, at_line + 40, 2000):
+        assert _nearest(data, old, 0, 1, first_guess) == (at_line + 1, sum(map(len, lines[:at_line])))
+    assert _nearest(data, old + b"not there\n", 0, 1, 10) is None
+    twice = data + old  # a second, later copy: the nearer one wins
+    assert _nearest(twice, old, 0, 1, at_line + 1)[0] == at_line + 1
