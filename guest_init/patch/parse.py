@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import re
 from itertools import compress
+from operator import itemgetter
 
 from .model import (
     MODE_GITLINK,
@@ -49,7 +50,10 @@ _GIT_HEADERS = (
 )
 _C_ESCAPES = {ord("a"): 7, ord("b"): 8, ord("t"): 9, ord("n"): 10, ord("v"): 11, ord("f"): 12,
               ord("r"): 13, ord('"'): 34, ord("\\"): 92}
-_SP, _MINUS, _PLUS, _BSLASH, _NL, _TAB = 32, 45, 43, 92, 10, 9
+_SP, _MINUS, _PLUS, _BSLASH, _NL, _TAB, _AT = 32, 45, 43, 92, 10, 9, 64
+#: A line's first byte, and the line without it (C-level callables for map()).
+_FIRST = itemgetter(0)
+_AFTER_FIRST = itemgetter(slice(1, None))
 #: bytes.translate tables turning a hunk's line kinds into masks for itertools.compress:
 #: the old side is every line but "+" lines, the new side every line but "-" lines.
 _OLD_SIDE = bytes(0 if c == _PLUS else 1 for c in range(256))
@@ -84,7 +88,7 @@ class _Parser:
         self.lines = split_lines(data)
         self.n = len(self.lines)
         #: The first byte of every line: lets hunk bodies be measured with C-speed counts.
-        self.heads = bytes([line[0] for line in self.lines])
+        self.heads = bytes(map(_FIRST, self.lines))
         self._bodies: list[bytes] | None = None  # every line without its first byte, on demand
         self.strip = strip
         self.source = source
@@ -418,29 +422,76 @@ class _Parser:
     # -- hunks
 
     def hunks(self, i: int) -> tuple[list[Hunk], int]:
-        """Consecutive hunks starting at the ``@@`` line ``i``."""
+        """Consecutive hunks starting at the ``@@`` line ``i``.
+
+        The common hunk (only `` ``, ``-``, ``+`` lines, no ``\\`` marker) is
+        read here without a step per line: its body's length follows from the
+        header's counts with ``bytes.count`` over the lines' first bytes, and
+        its two sides are picked out with ``itertools.compress``; a large patch
+        has ten thousand hunks, so this loop is kept free of calls.  Anything
+        unusual goes to :meth:`hunk`, which reads line by line and reports
+        errors precisely.
+        """
         out: list[Hunk] = []
-        lines, n = self.lines, self.n
-        while i < n and lines[i].startswith(b"@@ -"):
-            hunk, i = self.hunk(i, len(out) + 1)
-            out.append(hunk)
+        lines, heads, n = self.lines, self.heads, self.n
+        bodies = self._bodies
+        if bodies is None:
+            bodies = self._bodies = list(map(_AFTER_FIRST, lines))
+        match = _HUNK.match
+        number = 0
+        while i < n and heads[i] == _AT and lines[i].startswith(b"@@ -"):
+            number += 1
+            m = match(lines[i])
+            if m is None:
+                raise self.error(i, "a hunk header '@@ -START,COUNT +START,COUNT @@'")
+            a, b, c, d = m.groups()
+            old_count = int(b) if b is not None else 1
+            new_count = int(d) if d is not None else 1
+            start = i + 1
+            length = old_count if old_count > new_count else new_count
+            while True:
+                if start + length > n:
+                    seg = None
+                    break
+                seg = heads[start:start + length]
+                got_old = length - seg.count(b"+")
+                got_new = length - seg.count(b"-")
+                if got_old == old_count and got_new == new_count:
+                    break
+                if got_old > old_count or got_new > new_count:
+                    seg = None
+                    break
+                if got_old == old_count:
+                    length += new_count - got_new
+                elif got_new == new_count:
+                    length += old_count - got_old
+                else:
+                    length += min(old_count - got_old, new_count - got_new)
+            end = start + length
+            if seg is None or seg.strip(b" +-") or (end < n and heads[end] == _BSLASH):
+                hunk, i = self.hunk(i, number, m)
+                out.append(hunk)
+                continue
+            stripped = seg.lstrip(b" ")
+            if not stripped:
+                raise self.error(i, f"at least one '-' or '+' line in hunk #{number}", "context lines only")
+            body = bodies[start:end]
+            out.append(Hunk(number, int(a), old_count, int(c), new_count, m.group(0).decode("ascii"), start,
+                            list(compress(body, seg.translate(_OLD_SIDE))),
+                            list(compress(body, seg.translate(_NEW_SIDE))),
+                            seg, length - len(stripped), length - len(seg.rstrip(b" "))))
+            i = end
         return out, i
 
-    def hunk(self, i: int, number: int) -> tuple[Hunk, int]:
+    def hunk(self, i: int, number: int, m: re.Match[bytes]) -> tuple[Hunk, int]:
+        """One hunk read line by line (``m`` is its header's match): the unusual and the malformed."""
         lines, n = self.lines, self.n
-        head = lines[i]
-        m = _HUNK.match(head)
-        if not m:
-            raise self.error(i, "a hunk header '@@ -START,COUNT +START,COUNT @@'")
         a, b, c, d = m.groups()
         old_start = int(a)
         old_count = int(b) if b is not None else 1
         new_start = int(c)
         new_count = int(d) if d is not None else 1
         header = m.group(0).decode("ascii")
-        fast = self.hunk_fast(i, number, old_start, old_count, new_start, new_count, header)
-        if fast is not None:
-            return fast
         at = i
         old_lines: list[bytes] = []
         new_lines: list[bytes] = []
@@ -501,51 +552,6 @@ class _Parser:
         return Hunk(number, old_start, old_count, new_start, new_count, header, at + 1,
                     old_lines, new_lines, bytes(kinds),
                     prefix, context), i
-
-    def hunk_fast(self, i: int, number: int, old_start: int, old_count: int, new_start: int,
-                  new_count: int, header: str) -> tuple[Hunk, int] | None:
-        """The common hunk (only `` ``, ``-``, ``+`` lines, no ``\\`` marker) without a Python loop.
-
-        Finds the body's length from the header's counts with ``bytes.count``
-        over the lines' first bytes, then splits it with comprehensions.
-        Returns None for anything unusual; :meth:`hunk` then reads it line by
-        line (and reports errors precisely).
-        """
-        heads, n = self.heads, self.n
-        start = i + 1
-        length = max(old_count, new_count)
-        while True:
-            if start + length > n:
-                return None
-            seg = heads[start:start + length]
-            got_old = length - seg.count(b"+")
-            got_new = length - seg.count(b"-")
-            if got_old == old_count and got_new == new_count:
-                break
-            if got_old > old_count or got_new > new_count:
-                return None
-            if got_old == old_count:
-                length += new_count - got_new
-            elif got_new == new_count:
-                length += old_count - got_old
-            else:
-                length += min(old_count - got_old, new_count - got_new)
-        end = start + length
-        if seg.translate(None, b" +-") or (end < n and heads[end] == _BSLASH):
-            return None
-        stripped = seg.lstrip(b" ")
-        if not stripped:
-            return None
-        bodies = self._bodies
-        if bodies is None:
-            bodies = self._bodies = [line[1:] for line in self.lines]
-        body = bodies[start:end]
-        hunk = Hunk(number, old_start, old_count, new_start, new_count, header, i + 1,
-                    list(compress(body, seg.translate(_OLD_SIDE))),
-                    list(compress(body, seg.translate(_NEW_SIDE))),
-                    seg,
-                    length - len(stripped), length - len(seg.rstrip(b" ")))
-        return hunk, end
 
     @staticmethod
     def hunk_expectation(old_left: int, new_left: int, number: int) -> str:

@@ -293,7 +293,15 @@ def place_hunks(content: bytes, hunks: list[Hunk], max_fuzz: int, *, lines: list
                 # must), offset 0 first, then forward before backward.  Found by a
                 # substring search and one newline count over the gap, where walking
                 # to the stated line first would count the same bytes and more.
-                found = _nearest(content, old, pos, frozen + 1, first_guess)
+                at = content.find(old[:99], pos, pos + _WINDOW)  # (see _nearest)
+                if at >= 0 and (at == 0 or content[at - 1] == 10) and content.startswith(old, at):
+                    # The first place from here: the stated line, or past it (then no
+                    # place is nearer); only one before it needs the search in order.
+                    where = frozen + 1 + content.count(b"\n", pos, at)
+                    found = (where, at) if where >= first_guess else _nearest(
+                        content, old, pos, frozen + 1, first_guess)
+                else:
+                    found = _nearest(content, old, pos, frozen + 1, first_guess)
                 if found is _TOO_COMMON:
                     # Very common text: only the stated line is checked here; the
                     # line-based search decides the rest.
@@ -411,6 +419,8 @@ def _line_start(data: bytes, pos: int, k: int, avg: int) -> int:
 
 
 
+#: The stretch of a file searched at a time (see :func:`_nearest`).
+_WINDOW = 24000
 #: What :func:`_nearest` returns for text found too often to search for this way.
 _TOO_COMMON = (0, -1)
 
@@ -431,15 +441,15 @@ def _nearest(data: bytes, old: bytes, pos: int, line: int, first_guess: int) -> 
     # so the first 99 bytes are searched for in windows, and the rest compared.
     needle = old[:99]
     size = len(data)
-    end = min(size, pos + 24000)
+    end = min(size, pos + _WINDOW)
     at = data.find(needle, pos, end)
     seen = 0
     while True:
         if at < 0:
             if end >= size:
                 break
-            at = data.find(needle, end - len(needle) + 1, min(size, end + 24000))
-            end = min(size, end + 24000)
+            at = data.find(needle, end - len(needle) + 1, min(size, end + _WINDOW))
+            end = min(size, end + _WINDOW)
             continue
         seen += 1
         if seen > 64:
