@@ -68,11 +68,11 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _open_temp(directory: Path, name: str) -> tuple[int, Path]:
+def _open_temp(directory: str | os.PathLike[str], name: str) -> tuple[int, str]:
     """A new file beside the target; O_EXCL|O_NOFOLLOW so nothing pre-planted is reused."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     for _ in range(100):
-        tmp = directory / f".{name}.{os.urandom(4).hex()}.supercharge-tmp"
+        tmp = os.path.join(directory, f".{name}.{os.urandom(4).hex()}.supercharge-tmp")
         try:
             return os.open(tmp, flags, 0o600), tmp
         except FileExistsError:
@@ -96,7 +96,7 @@ def write_file_atomically(
     if old is not None and stat.S_ISDIR(old.st_mode):
         raise IsADirectoryError(21, "is a directory", str(target))
     created_dirs = _make_parents(target.parent) if old is None else []
-    tmp: Path | None = None
+    tmp: str | None = None
     try:
         fd, tmp = _open_temp(target.parent, target.name)
         try:

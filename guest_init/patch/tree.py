@@ -51,7 +51,7 @@ def _get_syncfs():  # type: ignore[no-untyped-def]
     return _syncfs or None
 
 
-def _sync_filesystems(paths: list[Path]) -> bool:
+def _sync_filesystems(paths: list[str]) -> bool:
     """Flush the file systems holding ``paths`` with one syncfs(2) each; False if unavailable.
 
     One journal commit per file system instead of one per file and directory:
@@ -61,7 +61,7 @@ def _sync_filesystems(paths: list[Path]) -> bool:
     syncfs = _get_syncfs()
     if syncfs is None:
         return False
-    seen: dict[int, Path] = {}
+    seen: dict[int, str] = {}
     for path in paths:
         try:
             seen.setdefault(os.stat(path).st_dev, path)
@@ -96,7 +96,7 @@ class Node:
                 and (self.kind == "symlink" or self.mode == other.mode))
 
 
-def _unlink_quietly(paths: Iterable[Path]) -> None:
+def _unlink_quietly(paths: Iterable[str]) -> None:
     """Remove temporary files and backups; one already gone is no error."""
     for path in paths:
         try:
@@ -133,6 +133,10 @@ class Tree:
         #: Patch paths the patch deletes, renames away or creates, whatever the order of
         #: its files: paths below them are taken literally (see :meth:`key`).
         self.vanishing: set[str] = set()
+        #: Host paths of directories already resolved, and directories known to be real
+        #: (no symlink on the way): looked up once per directory, not once per file.
+        self._resolved: dict[str, str] = {}
+        self._real: dict[str, bool] = {}
 
     # -- paths
 
@@ -156,16 +160,18 @@ class Tree:
                 # follow.  commit() checks again that no symlink is left on the way.
                 return rel
         parent, _, name = rel.rpartition("/")
-        host_parent = resolve_in_root(self.root, parent) if parent else self.root
-        host = host_parent / name
+        host_parent = self._resolved.get(parent)
+        if host_parent is None:  # each directory once: the disk does not change until the commit
+            host_parent = self._resolved[parent] = str(resolve_in_root(self.root, parent) if parent else self.root)
+        text = host_parent + "/" + name if host_parent != "/" else "/" + name
         if follow:
             try:
-                st = os.lstat(host)
+                st = os.lstat(text)
             except OSError:
                 st = None
             if st is not None and stat.S_ISLNK(st.st_mode):
-                host = resolve_in_root(self.root, rel)
-        text, prefix = str(host), self._prefix
+                text = str(resolve_in_root(self.root, rel))
+        prefix = self._prefix
         if not text.startswith(prefix) or len(text) == len(prefix):
             raise UnsafePath(f"{rel}: resolves to the root itself or outside it")
         return text[len(prefix):]
@@ -193,16 +199,21 @@ class Tree:
         self.current[key] = node
 
     def _read(self, key: str) -> Node | None:
-        path = self.host(key)
-        if "/" in key and not self._real_dirs(key.rpartition("/")[0]):
-            return None  # under a symlink or a file: in the patch's view nothing is there
+        path = self._prefix + key
+        if "/" in key:
+            parent = key.rpartition("/")[0]
+            real = self._real.get(parent)
+            if real is None:
+                real = self._real[parent] = self._real_dirs(parent)
+            if not real:
+                return None  # under a symlink or a file: in the patch's view nothing is there
         try:
             st = os.lstat(path)
         except (FileNotFoundError, NotADirectoryError):
             return None
         mode = stat.S_IMODE(st.st_mode)
         if stat.S_ISREG(st.st_mode):
-            with open(path, "rb") as f:
+            with open(path, "rb", buffering=0) as f:
                 return Node("file", f.read(), mode, st.st_uid, st.st_gid)
         if stat.S_ISLNK(st.st_mode):
             return Node("symlink", os.readlink(os.fsencode(path)), mode, st.st_uid, st.st_gid)
@@ -293,16 +304,20 @@ class Tree:
         """Write every change all at once, or none (raises :class:`CommitError`).
 
         ``durable=False`` skips the flushes, for scratch trees whose loss on a
-        power cut does not matter (dom0's per-domain working copies).
+        power cut does not matter (dom0's per-domain working copies).  Host
+        paths are plain strings here: a large patch commits hundreds of files,
+        and building pathlib objects for each step was a tenth of the commit.
         """
         changes = self.changes()
         if not changes:
             return
-        staged: list[tuple[Path, Path, str]] = []  # (temporary, target, key)
-        backups: dict[str, Path | None] = {}  # key -> hard link keeping the old file
-        done: list[tuple[str, Path, int]] = []  # what to undo: (action, path, mode)
-        dirs: set[Path] = set()
-        aside_dirs: dict[str, Path] = {}
+        prefix = self._prefix
+        staged: list[tuple[str, str, str]] = []  # (temporary, target, key)
+        backups: dict[str, str | None] = {}  # key -> hard link keeping the old file
+        done: list[tuple[str, str, int]] = []  # what to undo: (action, path, mode)
+        dirs: set[str] = set()
+        aside_dirs: dict[str, str] = {}
+        stage_dirs: dict[str, str] = {}  # a target's directory -> where its temporary file goes
         current_key = ""
         # Durability: one syncfs per file system after staging and after the renames
         # where libc has it, else fsync on every file and directory.
@@ -315,47 +330,51 @@ class Tree:
             verified: set[str] = set()  # directories checked in this phase (one check each)
             for key, before, after in changes:
                 current_key = key
-                target = self.host(key)
+                target = prefix + key
                 self._check_real_dirs(key, real_root, verified)  # nothing changed since the patch was computed
                 if before is not None and before.kind in ("file", "symlink"):
                     tops = [d for d in doomed if key.startswith(d)]
-                    aside_dirs[key] = self.host(min(tops, key=len)).parent if tops else target.parent
+                    aside_dirs[key] = os.path.dirname(prefix + min(tops, key=len)[:-1] if tops else target)
                     backups[key] = self._backup(target, aside_dirs[key])
                 if after is not None:
-                    staged.append((self._stage(target, before, after, each), target, key))
+                    staged.append((self._stage(target, before, after, each, stage_dirs), target, key))
             if durable and not each and staged:
-                _sync_filesystems([tmp.parent for tmp, _, _ in staged])
+                _sync_filesystems([os.path.dirname(tmp) for tmp, _, _ in staged])
             # 2. Deletions, and directories that files replace (emptied by the deletions).
             for key, before, after in changes:
                 if before is None or before.kind not in ("file", "symlink") or after is not None:
                     continue
                 current_key = key
-                target = self.host(key)
+                target = prefix + key
                 if backups.get(key) is not None:
                     os.unlink(target)  # the backup link keeps it for a rollback
                 else:
-                    aside = self._free_name(aside_dirs[key] / target.name)
+                    aside = self._free_name(aside_dirs[key], os.path.basename(target))
                     os.rename(target, aside)
                     backups[key] = aside
                 done.append(("delete", target, 0))
-                dirs.add(target.parent)
+                dirs.add(os.path.dirname(target))
             for key, before, after in changes:
                 if before is not None and before.kind == "dir" and after is not None:
                     current_key = key
-                    self._remove_tree_dirs(self.host(key), done)
+                    self._remove_tree_dirs(prefix + key, done)
             # 3. Parents, then every staged file into place (through real directories
             #    only: a symlink on the way now would take the file elsewhere).
             verified = set()
+            ready: set[str] = set()  # directories made or found in this phase
             for tmp, target, key in staged:
                 current_key = key
-                for d in _make_parents(target.parent):
-                    done.append(("mkdir", d, 0))
-                    dirs.add(d.parent)
+                parent = os.path.dirname(target)
+                if parent not in ready:
+                    for d in _make_parents(Path(parent)):
+                        done.append(("mkdir", str(d), 0))
+                        dirs.add(str(d.parent))
+                    ready.add(parent)
                 self._check_real_dirs(key, real_root, verified)
                 os.replace(tmp, target)
                 done.append(("replace", target, 0))
-                dirs.add(target.parent)
-            existing = [d for d in dirs if d.is_dir()]
+                dirs.add(parent)
+            existing = [d for d in dirs if os.path.isdir(d)]
             if durable and (each or not _sync_filesystems(existing)):
                 for d in existing:
                     _fsync_dir(d)
@@ -383,43 +402,52 @@ class Tree:
         if parent in verified:
             return
         verified.add(parent)
-        while parent and (not os.path.lexists(self.host(parent)) or self._goes(parent)):
+        while parent and (not os.path.lexists(self._prefix + parent) or self._goes(parent)):
             parent = parent.rpartition("/")[0]
-        here = self.host(parent) if parent else self.root
+        here = self._prefix + parent if parent else str(self.root)
         if os.path.realpath(here) != os.path.normpath(os.path.join(real_root, parent)):
-            raise OSError(errno.ELOOP, "a symbolic link is in the way", str(here))
+            raise OSError(errno.ELOOP, "a symbolic link is in the way", here)
 
     @staticmethod
-    def _remove_tree_dirs(top: Path, done: list[tuple[str, Path, int]]) -> None:
+    def _remove_tree_dirs(top: str, done: list[tuple[str, str, int]]) -> None:
         """Remove the (by now empty) directory ``top`` and the empty directories in it."""
         for dirpath, _, _ in sorted(os.walk(top), key=lambda w: -len(w[0])):
             mode = stat.S_IMODE(os.lstat(dirpath).st_mode)
             os.rmdir(dirpath)
-            done.append(("rmdir", Path(dirpath), mode))
+            done.append(("rmdir", dirpath, mode))
 
-    def _stage(self, target: Path, before: Node | None, after: Node, fsync: bool) -> Path:
+    def _stage(self, target: str, before: Node | None, after: Node, fsync: bool,
+               stage_dirs: dict[str, str]) -> str:
         """Write ``after`` under a temporary name; return that name.
 
         Beside ``target`` when its directory exists, else in the nearest
         existing directory above it (the directory is created, or takes the
         place of a file, only at commit), so the final rename stays on one
-        file system and the tree is untouched until then.
+        file system and the tree is untouched until then.  ``stage_dirs``
+        remembers that choice per directory (nothing else changes them while
+        staging).
         """
-        where = target.parent
-        while not where.is_dir() or where.is_symlink():
-            if where == self.root or where.parent == where:
-                break
-            where = where.parent
+        parent = os.path.dirname(target)
+        where = stage_dirs.get(parent)
+        if where is None:
+            where, root = parent, str(self.root)
+            while not os.path.isdir(where) or os.path.islink(where):
+                up = os.path.dirname(where)
+                if where == root or up == where:
+                    break
+                where = up
+            stage_dirs[parent] = where
+        name = os.path.basename(target)
         if after.kind == "symlink":
             for _ in range(100):
-                tmp = where / f".{target.name}.{os.urandom(4).hex()}.supercharge-tmp"
+                tmp = os.path.join(where, f".{name}.{os.urandom(4).hex()}.supercharge-tmp")
                 try:
                     os.symlink(after.content, tmp)
                     return tmp
                 except FileExistsError:
                     continue
-            raise FileExistsError(errno.EEXIST, "no free temporary name", str(where))
-        fd, tmp = _open_temp(where, target.name)
+            raise FileExistsError(errno.EEXIST, "no free temporary name", where)
+        fd, tmp = _open_temp(where, name)
         try:
             view = memoryview(after.content)
             while view:
@@ -443,33 +471,38 @@ class Tree:
         os.close(fd)
         return tmp
 
-    def _backup(self, target: Path, where: Path) -> Path | None:
+    def _backup(self, target: str, where: str) -> str | None:
         """A hard link to ``target`` under a free name, so a failed commit can restore it.
 
         None where the file system has no hard links (vfat...): the commit
         still works, only an error half way could then not restore that file.
         """
-        name = self._free_name(where / target.name)
-        try:
-            os.link(target, name, follow_symlinks=False)
-        except OSError as exc:
-            if exc.errno in (errno.EPERM, errno.EXDEV, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP):
-                return None
-            raise
-        return name
+        name = os.path.basename(target)
+        for _ in range(100):
+            link = os.path.join(where, f".{name}.{os.urandom(4).hex()}{BACKUP_SUFFIX}")
+            try:
+                os.link(target, link, follow_symlinks=False)
+                return link
+            except FileExistsError:
+                continue  # the link itself says whether the name is free: no separate check
+            except OSError as exc:
+                if exc.errno in (errno.EPERM, errno.EXDEV, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP):
+                    return None
+                raise
+        raise FileExistsError(errno.EEXIST, "no free temporary name", where)
 
     @staticmethod
-    def _free_name(target: Path) -> Path:
+    def _free_name(where: str, name: str) -> str:
         for _ in range(100):
-            name = target.parent / f".{target.name}.{os.urandom(4).hex()}{BACKUP_SUFFIX}"
-            if not os.path.lexists(name):
-                return name
-        raise FileExistsError(errno.EEXIST, "no free temporary name", str(target.parent))
+            path = os.path.join(where, f".{name}.{os.urandom(4).hex()}{BACKUP_SUFFIX}")
+            if not os.path.lexists(path):
+                return path
+        raise FileExistsError(errno.EEXIST, "no free temporary name", where)
 
-    def _rollback(self, staged: list[tuple[Path, Path, str]], backups: dict[str, Path | None],
-                  done: list[tuple[str, Path, int]]) -> None:
+    def _rollback(self, staged: list[tuple[str, str, str]], backups: dict[str, str | None],
+                  done: list[tuple[str, str, int]]) -> None:
         """Undo a commit that failed half way: the tree ends as it was before it."""
-        by_target = {self.host(k): k for k in backups}
+        by_target = {self._prefix + k: k for k in backups}
         for action, path, mode in reversed(done):
             try:
                 if action in ("replace", "delete"):
