@@ -287,7 +287,18 @@ def place_hunks(content: bytes, hunks: list[Hunk], max_fuzz: int, *, lines: list
                 break
             first_guess = h.first + in_offset
             old = b"".join(old_lines)
-            if exact_only or prefix == suffix or (prefix < suffix and h.first > 1):
+            if exact_only:
+                # Only the stated line counts: walk to it, compare, no search (the
+                # already-applied check asks this of text that is usually not there).
+                start = _line_start(content, pos, first_guess - 1 - frozen, avg) if frozen < first_guess else -1
+                if start < 0 or not content.startswith(old, start):
+                    if stop_on_failure:  # a yes/no question: no need to split the file to answer it
+                        results.append(HunkResult(h.number, h.header, "failed", None, first_guess + out_offset,
+                                                  in_offset, 0, reason="its old lines are not at the stated line"))
+                        return b"", results
+                    break
+                where = first_guess
+            elif prefix == suffix or (prefix < suffix and h.first > 1):
                 # GNU's offset search without fuzz: the nearest line-aligned place of
                 # the old side (each of its lines ending in a newline, as the file's
                 # must), offset 0 first, then forward before backward.  Found by a
@@ -307,13 +318,9 @@ def place_hunks(content: bytes, hunks: list[Hunk], max_fuzz: int, *, lines: list
                     # line-based search decides the rest.
                     start = _line_start(content, pos, first_guess - 1 - frozen, avg) if frozen < first_guess else -1
                     found = (first_guess, start) if start >= 0 and content.startswith(old, start) else None
-                if found is None or (exact_only and found[0] != first_guess):
-                    if exact_only and stop_on_failure:  # a yes/no question: no need to split the file
-                        results.append(HunkResult(h.number, h.header, "failed", None, first_guess + out_offset,
-                                                  in_offset, 0, reason="its old lines are not at the stated line"))
-                        return b"", results
+                if found is None:
                     break
-                where, start = found  # type: ignore[misc]
+                where, start = found
                 in_offset += where - first_guess
             elif prefix < suffix:
                 # Less context before than after: made at the start of the file, fits only there.
