@@ -94,6 +94,9 @@ class Hunk:
     kinds: bytes
     prefix_context: int
     suffix_context: int
+    #: GNU patch's ``pch_first``: the old-side line, one later for a pure insertion
+    #: (where the placement starts; kept, not derived, as it is read for every hunk).
+    first: int
 
     @property
     def old_kinds(self) -> str:
@@ -106,11 +109,6 @@ class Hunk:
         return self.kinds.translate(None, b"-").decode("ascii")
 
     @property
-    def first(self) -> int:
-        """GNU patch's ``pch_first``: the old-side line, one later for a pure insertion."""
-        return self.old_start if self.old_count else self.old_start + 1
-
-    @property
     def new_first(self) -> int:
         return self.new_start if self.new_count else self.new_start + 1
 
@@ -121,7 +119,7 @@ class Hunk:
             new_start=self.old_start, new_count=self.old_count, header=self.header,
             line=self.line, old_lines=self.new_lines, new_lines=self.old_lines,
             kinds=self.kinds.translate(_SWAP_SIDES),
-            prefix_context=self.prefix_context, suffix_context=self.suffix_context)
+            prefix_context=self.prefix_context, suffix_context=self.suffix_context, first=self.new_first)
 
 
 @dataclass

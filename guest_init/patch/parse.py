@@ -448,25 +448,32 @@ class _Parser:
             old_count = int(b) if b is not None else 1
             new_count = int(d) if d is not None else 1
             start = i + 1
-            length = old_count if old_count > new_count else new_count
-            while True:
-                if start + length > n:
-                    seg = None
-                    break
-                seg = heads[start:start + length]
-                got_old = length - seg.count(b"+")
-                got_new = length - seg.count(b"-")
-                if got_old == old_count and got_new == new_count:
-                    break
-                if got_old > old_count or got_new > new_count:
-                    seg = None
-                    break
-                if got_old == old_count:
-                    length += new_count - got_new
-                elif got_new == new_count:
-                    length += old_count - got_old
-                else:
-                    length += min(old_count - got_old, new_count - got_new)
+            # Most hunks have diff's usual three lines of context at each end, so a
+            # body of old + new - 6 lines: one check settles that.  Else the length
+            # grows from the larger count (the counts are met at the true length only).
+            length = old_count + new_count - 6
+            seg = heads[start:start + length]
+            if not (length > 0 and start + length <= n and length - seg.count(b"+") == old_count
+                    and length - seg.count(b"-") == new_count):
+                length = old_count if old_count > new_count else new_count
+                while True:
+                    if start + length > n:
+                        seg = None
+                        break
+                    seg = heads[start:start + length]
+                    got_old = length - seg.count(b"+")
+                    got_new = length - seg.count(b"-")
+                    if got_old == old_count and got_new == new_count:
+                        break
+                    if got_old > old_count or got_new > new_count:
+                        seg = None
+                        break
+                    if got_old == old_count:
+                        length += new_count - got_new
+                    elif got_new == new_count:
+                        length += old_count - got_old
+                    else:
+                        length += min(old_count - got_old, new_count - got_new)
             end = start + length
             if seg is None or seg.strip(b" +-") or (end < n and heads[end] == _BSLASH):
                 hunk, i = self.hunk(i, number, m)
@@ -476,10 +483,12 @@ class _Parser:
             if not stripped:
                 raise self.error(i, f"at least one '-' or '+' line in hunk #{number}", "context lines only")
             body = bodies[start:end]
-            out.append(Hunk(number, int(a), old_count, int(c), new_count, m.group(0).decode("ascii"), start,
+            old_start = int(a)
+            out.append(Hunk(number, old_start, old_count, int(c), new_count, m.group(0).decode("ascii"), start,
                             list(compress(body, seg.translate(_OLD_SIDE))),
                             list(compress(body, seg.translate(_NEW_SIDE))),
-                            seg, length - len(stripped), length - len(seg.rstrip(b" "))))
+                            seg, length - len(stripped), length - len(seg.rstrip(b" ")),
+                            old_start if old_count else old_start + 1))
             i = end
         return out, i
 
@@ -551,7 +560,7 @@ class _Parser:
             raise self.error(at, f"at least one '-' or '+' line in hunk #{number}", "context lines only")
         return Hunk(number, old_start, old_count, new_start, new_count, header, at + 1,
                     old_lines, new_lines, bytes(kinds),
-                    prefix, context), i
+                    prefix, context, old_start if old_count else old_start + 1), i
 
     @staticmethod
     def hunk_expectation(old_left: int, new_left: int, number: int) -> str:
