@@ -54,10 +54,12 @@ _SP, _MINUS, _PLUS, _BSLASH, _NL, _TAB, _AT = 32, 45, 43, 92, 10, 9, 64
 #: A line's first byte, and the line without it (C-level callables for map()).
 _FIRST = itemgetter(0)
 _AFTER_FIRST = itemgetter(slice(1, None))
-#: bytes.translate tables turning a hunk's line kinds into masks for itertools.compress:
-#: the old side is every line but "+" lines, the new side every line but "-" lines.
-_OLD_SIDE = bytes(0 if c == _PLUS else 1 for c in range(256))
-_NEW_SIDE = bytes(0 if c == _MINUS else 1 for c in range(256))
+#: bytes.translate tables turning the lines' first bytes over a run of hunks into masks
+#: for itertools.compress: the old side is every line but "+" lines, the new side every
+#: line but "-" lines, and the ``@@`` lines are in neither.
+_OLD_LINES = bytes(0 if c in (_PLUS, _AT) else 1 for c in range(256))
+_NEW_LINES = bytes(0 if c in (_MINUS, _AT) else 1 for c in range(256))
+_EMPTY: list[bytes] = []  # a placeholder until _fill_sides (never mutated)
 
 
 def split_lines(data: bytes) -> list[bytes]:
@@ -439,6 +441,8 @@ class _Parser:
             bodies = self._bodies = list(map(_AFTER_FIRST, lines))
         match = _HUNK.match
         number = 0
+        run: list[Hunk] = []  # common hunks back to back, their sides still to be filled in
+        run_from = i
         while i < n and heads[i] == _AT and lines[i].startswith(b"@@ -"):
             number += 1
             m = match(lines[i])
@@ -476,21 +480,43 @@ class _Parser:
                         length += min(old_count - got_old, new_count - got_new)
             end = start + length
             if seg is None or seg.strip(b" +-") or (end < n and heads[end] == _BSLASH):
+                if run:
+                    self._fill_sides(run, run_from, i)
+                    run = []
                 hunk, i = self.hunk(i, number, m)
                 out.append(hunk)
+                run_from = i
                 continue
             stripped = seg.lstrip(b" ")
             if not stripped:
                 raise self.error(i, f"at least one '-' or '+' line in hunk #{number}", "context lines only")
-            body = bodies[start:end]
             old_start = int(a)
-            out.append(Hunk(number, old_start, old_count, int(c), new_count, m.group(0).decode("ascii"), start,
-                            list(compress(body, seg.translate(_OLD_SIDE))),
-                            list(compress(body, seg.translate(_NEW_SIDE))),
-                            seg, length - len(stripped), length - len(seg.rstrip(b" ")),
-                            old_start if old_count else old_start + 1))
+            hunk = Hunk(number, old_start, old_count, int(c), new_count, m.group(0).decode("ascii"), start,
+                        _EMPTY, _EMPTY, seg, length - len(stripped), length - len(seg.rstrip(b" ")),
+                        old_start if old_count else old_start + 1)
+            out.append(hunk)
+            run.append(hunk)
             i = end
+        if run:
+            self._fill_sides(run, run_from, i)
         return out, i
+
+    def _fill_sides(self, run: list[Hunk], start: int, end: int) -> None:
+        """Give the common hunks in patch lines ``start:end`` (headers and bodies only) their sides.
+
+        Picked out of all of their lines at once (two ``compress`` calls for the
+        run, not two per hunk) and handed out by the hunks' counts.
+        """
+        heads = self.heads[start:end]
+        bodies = self._bodies[start:end]  # type: ignore[index]
+        olds = list(compress(bodies, heads.translate(_OLD_LINES)))
+        news = list(compress(bodies, heads.translate(_NEW_LINES)))
+        o = k = 0
+        for hunk in run:
+            hunk.old_lines = olds[o:o + hunk.old_count]
+            hunk.new_lines = news[k:k + hunk.new_count]
+            o += hunk.old_count
+            k += hunk.new_count
 
     def hunk(self, i: int, number: int, m: re.Match[bytes]) -> tuple[Hunk, int]:
         """One hunk read line by line (``m`` is its header's match): the unusual and the malformed."""
