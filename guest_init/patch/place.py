@@ -304,23 +304,21 @@ def place_hunks(content: bytes, hunks: list[Hunk], max_fuzz: int, *, lines: list
                 # must), offset 0 first, then forward before backward.  Found by a
                 # substring search and one newline count over the gap, where walking
                 # to the stated line first would count the same bytes and more.
-                at = content.find(old[:99], pos, pos + _WINDOW)  # (see _nearest)
-                if at >= 0 and (at == 0 or content[at - 1] == 10) and content.startswith(old, at):
-                    # The first place from here: the stated line, or past it (then no
-                    # place is nearer); only one before it needs the search in order.
-                    where = frozen + 1 + content.count(b"\n", pos, at)
-                    found = (where, at) if where >= first_guess else _nearest(
-                        content, old, pos, frozen + 1, first_guess)
+                start = content.find(old[:99], pos, pos + _WINDOW)  # (see _nearest)
+                if (start >= 0 and (start == 0 or content[start - 1] == 10) and content.startswith(old, start)
+                        and (where := frozen + 1 + content.count(b"\n", pos, start)) >= first_guess):
+                    pass  # the first place from here: the stated line, or past it (no place is nearer)
                 else:
+                    # One before the stated line (or none nearby): the search in GNU's order.
                     found = _nearest(content, old, pos, frozen + 1, first_guess)
-                if found is _TOO_COMMON:
-                    # Very common text: only the stated line is checked here; the
-                    # line-based search decides the rest.
-                    start = _line_start(content, pos, first_guess - 1 - frozen, avg) if frozen < first_guess else -1
-                    found = (first_guess, start) if start >= 0 and content.startswith(old, start) else None
-                if found is None:
-                    break
-                where, start = found
+                    if found is _TOO_COMMON:
+                        # Very common text: only the stated line is checked here; the
+                        # line-based search decides the rest.
+                        start = _line_start(content, pos, first_guess - 1 - frozen, avg) if frozen < first_guess else -1
+                        found = (first_guess, start) if start >= 0 and content.startswith(old, start) else None
+                    if found is None:
+                        break
+                    where, start = found
                 in_offset += where - first_guess
             elif prefix < suffix:
                 # Less context before than after: made at the start of the file, fits only there.
