@@ -314,3 +314,39 @@ def test_absolute_path_is_refused_with_p0() -> None:
     with pytest.raises(UnsafePatchPath, match="absolute path '/etc/passwd'"):
         parse_patch(patch, strip=0)
     assert one(patch, strip=1).path == "etc/passwd"  # -p1 strips the leading '/' component
+
+
+# ------------------------------------------------------------ fast reading agrees with line by line
+
+
+@pytest.mark.parametrize("context", [0, 1, 3, 5])
+def test_hunks_read_in_runs_equal_the_line_by_line_reading(context: int) -> None:
+    """The common hunk is read without a step per line, and a run of them has its sides
+    picked out at once; a hunk that needs the line-by-line reader (a blank context line
+    whose space a mailer ate, a missing final newline) breaks the run.  Every hunk must
+    come out exactly as the line-by-line reader makes it, whatever the context size."""
+    import difflib
+
+    from guest_init.patch.parse import _HUNK, _Parser
+
+    old = [f"line {k}\n" for k in range(1, 200)]
+    old[91] = "\n"  # an empty line next to a change: a context line " \n" in the diff
+    new = list(old)
+    for k in (150, 120, 90, 60, 30, 5):
+        new[k] = f"changed {k}\n"
+        new.insert(k, f"added {k}\n")
+    diff = "".join(difflib.unified_diff(old, new, "a/f", "b/f", n=context)).encode()
+    diff = diff.replace(b"\n \n", b"\n\n")  # the mailer ate the space of the empty context line
+    diff += b"@@ -199 +199 @@\n-line 199\n\\ No newline at end of file\n+the end\n\\ No newline at end of file\n"
+    files = parse_patch(diff)
+    assert len(files) == 1
+    reader = _Parser(diff, 1, "<test>")
+    hunks = files[0].hunks
+    for hunk in hunks:
+        at = hunk.line - 1
+        slow, _ = reader.hunk(at, hunk.number, _HUNK.match(reader.lines[at]))
+        assert hunk == slow
+    assert [h.number for h in hunks] == list(range(1, len(hunks) + 1)) and len(hunks) >= 4
+    assert hunks[-1].old_lines == [b"line 199"] and hunks[-1].new_lines == [b"the end"]
+    if context:
+        assert any(b"\n" in h.old_lines for h in hunks)  # the mangled empty line was read as context
