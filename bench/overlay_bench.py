@@ -40,7 +40,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from dom0.exports import allocated_bytes, create_overlay, require_tool  # noqa: E402
+from dom0.exports import allocated_bytes, create_overlay  # noqa: E402
+from dom0.tools import require_tool  # noqa: E402
 
 MIB = 1 << 20
 SOURCES = ("/usr/lib/python3.11", "/usr/share/perl", "/usr/share/locale", "/usr/share/doc",

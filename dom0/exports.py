@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import struct
 import subprocess
 import tempfile
@@ -33,7 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from .errors import EnvironmentProblem, UserError
+from .errors import UserError
+from .tools import require_tool, run_tool
 from .xlcfg import DiskSpec
 
 Access = Literal["ro", "rw", "cow"]
@@ -42,8 +42,6 @@ BASE_FORMATS = ("raw", "qcow2")
 #: share of the origin's size (lvcreate's ``-l N%ORIGIN``).  A snapshot whose
 #: copy-on-write space fills up becomes invalid, so err on the large side.
 DEFAULT_SNAPSHOT_PERCENT = 20
-TOOL_PACKAGES = {"qemu-img": "qemu-utils", "qemu-io": "qemu-utils", "lvcreate": "lvm2",
-                 "lvs": "lvm2", "lvremove": "lvm2"}
 LV_NAME_RE = re.compile(r"[A-Za-z0-9+_.][A-Za-z0-9+_.-]{0,126}")
 
 QCOW2_MAGIC = b"QFI\xfb"
@@ -55,26 +53,8 @@ _QCOW2_EXT_END = 0
 # Tools
 
 
-def require_tool(name: str) -> str:
-    """The path of ``name``, or an error naming the Debian package that has it (exit code 3)."""
-    found = shutil.which(name)
-    if found is None:
-        package = TOOL_PACKAGES.get(name, name)
-        raise EnvironmentProblem(f"'{name}' not found: install Debian's {package} package "
-                                 f"(apt-get install {package})")
-    return found
-
-
 def _run(cmd: list[str], what: str) -> str:
-    argv = [require_tool(cmd[0]), *cmd[1:]]
-    try:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
-    except subprocess.TimeoutExpired:
-        raise EnvironmentProblem(f"{what}: {cmd[0]} did not finish in 300 s") from None
-    if proc.returncode != 0:
-        detail = (proc.stderr.strip() or proc.stdout.strip() or "no output").splitlines()[-1]
-        raise EnvironmentProblem(f"{what}: {cmd[0]} failed: {detail}")
-    return proc.stdout
+    return run_tool(cmd, what, timeout=300)
 
 
 # ---------------------------------------------------------------------------

@@ -8,7 +8,6 @@ through :func:`mounted_image`, which unmounts even when the change fails.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -18,18 +17,10 @@ from pathlib import Path
 from guest_init.devices import read_fs_identity
 
 from .errors import EnvironmentProblem, UserError
+from .tools import require_tool
 
 FS_TYPES = ("ext4", "ext3", "ext2", "xfs")
 LABEL_LIMITS = {"ext4": 16, "ext3": 16, "ext2": 16, "xfs": 12}
-PACKAGES = {"mkfs.ext4": "e2fsprogs", "mkfs.ext3": "e2fsprogs", "mkfs.ext2": "e2fsprogs",
-            "mkfs.xfs": "xfsprogs", "mount": "mount", "umount": "mount"}
-
-
-def _tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        raise EnvironmentProblem(f"'{name}' not found: install Debian's {PACKAGES.get(name, name)} package")
-    return path
 
 
 def _run(cmd: list[str], what: str) -> None:
@@ -41,13 +32,13 @@ def _run(cmd: list[str], what: str) -> None:
 
 def _mkfs(image: Path, fstype: str, label: str, tree: Path | None = None, uuid: str | None = None) -> None:
     if fstype == "xfs":
-        cmd = [_tool("mkfs.xfs"), "-q", "-f", "-L", label]
+        cmd = [require_tool("mkfs.xfs"), "-q", "-f", "-L", label]
         if uuid:
             cmd += ["-m", f"uuid={uuid}"]
         if tree is not None:
             raise UserError(f"{image}: populating xfs needs a loop mount (fresh-image fill is ext only)")
     else:
-        cmd = [_tool(f"mkfs.{fstype}"), "-q", "-F", "-L", label]
+        cmd = [require_tool(f"mkfs.{fstype}"), "-q", "-F", "-L", label]
         if uuid:
             cmd += ["-U", uuid]
         if tree is not None:
@@ -108,12 +99,12 @@ def mounted_image(image: Path, *, readonly: bool = False) -> Iterator[Path]:
     mnt = Path(tempfile.mkdtemp(prefix="sc-image-"))
     options = "loop,ro" if readonly else "loop"
     try:
-        _run([_tool("mount"), "-o", options, str(image), str(mnt)], f"mounting {image} failed")
+        _run([require_tool("mount"), "-o", options, str(image), str(mnt)], f"mounting {image} failed")
         try:
             yield mnt
         finally:
             os.sync()
-            _run([_tool("umount"), str(mnt)], f"unmounting {image} failed")
+            _run([require_tool("umount"), str(mnt)], f"unmounting {image} failed")
     finally:
         try:
             mnt.rmdir()

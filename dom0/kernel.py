@@ -11,13 +11,13 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from .cache import cache_dir
 from .errors import EnvironmentProblem, UserError
+from .tools import UnknownPackage, run_tool, unpack_package
 
 _VERSION_RE = re.compile(r"^[0-9][A-Za-z0-9.+~_-]*$")
 
@@ -46,19 +46,9 @@ def cached_versions() -> list[str]:
     return sorted(p.name for p in kernels_dir().iterdir() if _cached(p.name))
 
 
-def _run(cmd: list[str], what: str, cwd: Path | None = None) -> str:
-    if shutil.which(cmd[0]) is None:
-        raise EnvironmentProblem(f"'{cmd[0]}' not found: it is needed to {what}")
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        last = (proc.stderr.strip() or proc.stdout.strip() or "no output").splitlines()[-1]
-        raise EnvironmentProblem(f"{what} failed: {' '.join(cmd[:3])}...: {last}")
-    return proc.stdout
-
-
 def default_version() -> str:
     """The version Debian's linux-image-amd64 points to for the running release."""
-    out = _run(["apt-cache", "depends", "linux-image-amd64"], "find the current Debian kernel")
+    out = run_tool(["apt-cache", "depends", "linux-image-amd64"], "find the current Debian kernel")
     for line in out.splitlines():
         match = re.search(r"Depends:\s*linux-image-(\S+)", line)
         if match and match.group(1) != "amd64":
@@ -78,22 +68,13 @@ def fetch_kernel(version: str | None = None) -> tuple[KernelRef, bool]:
     if shutil.which("apt-get") is None:
         raise EnvironmentProblem("'apt-get' not found: it is needed to download Debian kernels")
     with tempfile.TemporaryDirectory(prefix="kernel-", dir=kernels_dir()) as tmp:
-        work = Path(tmp)
-        proc = subprocess.run(["apt-get", "download", "-q", "-o", "APT::Sandbox::User=root", package],
-                              cwd=work, capture_output=True, text=True)
-        if proc.returncode != 0:
-            if "Unable to locate package" in proc.stderr or "Can't select" in proc.stderr:
-                raise UserError(f"unknown kernel version '{version}': apt has no package {package}")
-            raise EnvironmentProblem(f"apt-get download {package} failed: "
-                                     f"{(proc.stderr.strip() or 'no output').splitlines()[-1]}")
-        debs = sorted(work.glob("*.deb"))
-        if not debs:
-            raise EnvironmentProblem(f"apt-get download {package} produced no .deb")
-        tree = work / "tree"
-        _run(["dpkg-deb", "-x", str(debs[0]), str(tree)], f"extract {debs[0].name}")
+        try:
+            deb, tree = unpack_package(package, Path(tmp))
+        except UnknownPackage:
+            raise UserError(f"unknown kernel version '{version}': apt has no package {package}") from None
         if not (tree / "lib" / "modules" / version).is_dir():
-            raise EnvironmentProblem(f"{debs[0].name} has no lib/modules/{version}")
-        _run(["depmod", "-b", str(tree), version], "compute module dependencies (kmod's depmod)")
+            raise EnvironmentProblem(f"{deb} has no lib/modules/{version}")
+        run_tool(["depmod", "-b", str(tree), version], "compute module dependencies (kmod's depmod)")
         final = kernels_dir() / version
         if final.exists():
             shutil.rmtree(final)

@@ -33,7 +33,9 @@ from dom0.errors import EnvironmentProblem
 from dom0.kernel import KernelRef
 from dom0.kmod import resolve_modules
 
-from .hypervisor import candidate_version, run_tool
+from dom0.tools import run_tool
+
+from .hypervisor import candidate_version
 from .scripts import DOM0_INIT, INITRAMFS_INIT, ROOT_LABEL
 
 IMAGE_FORMAT = "1"   # bump when the layout below changes

@@ -28,7 +28,7 @@ from dom0.cache import cache_root
 from dom0.errors import EnvironmentProblem, UserError
 from dom0.kernel import KernelRef
 
-from .hypervisor import run_tool
+from dom0.tools import run_tool
 from .scripts import JOB_LABEL
 
 REPO = Path(__file__).resolve().parent.parent.parent
