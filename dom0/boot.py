@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from guest_init.report import MARKER, parse_console
 
 from .cache import state_root
 from .collect import render_report, write_report
-from .errors import EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT
+from .errors import EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT, UserError
 from .qemu import QemuSettings, qemu_command, run_qemu
 from .xlcfg import load_domain_config
 
@@ -42,9 +43,6 @@ def report_stopper(after: str):
         return outcome.get("outcome") != "switched" or after == "stop"
 
     return should_stop
-
-
-_stopper = report_stopper
 
 
 def domain_state_dir(name: str, state_dir: Path | None) -> Path:
@@ -98,3 +96,26 @@ def finish_boot(name: str, state: Path, console: Path, hypervisor: dict, *, time
     if outcome is None and timed_out:
         return EXIT_TIMEOUT
     return EXIT_FAILED
+
+
+#: A backend's boot: ``boot(config, timeout=, after=, state_dir=, as_json=, quiet=) -> exit code``.
+BootFunction = Callable[..., int]
+
+
+def boot_function(hypervisor: str, accel: str | None) -> BootFunction:
+    """The backend that starts a domain and collects its report: qemu (with ``accel``) or xl.
+
+    ``supercharge boot`` and ``supercharge deploy`` both start domains through it.
+    """
+    if hypervisor == "xen":
+        if accel:
+            raise UserError(f"--accel {accel}: expected no --accel with --hypervisor xen "
+                            "(it chooses qemu's accelerator)")
+        from .xen import boot_domain_xen
+
+        return boot_domain_xen
+
+    def boot(config: Path, **kwargs) -> int:
+        return boot_domain(config, accel=accel, **kwargs)
+
+    return boot

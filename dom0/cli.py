@@ -95,19 +95,12 @@ def cmd_collect(args: argparse.Namespace) -> int:
 
 
 def cmd_boot(args: argparse.Namespace) -> int:
+    from .boot import boot_function
+
     state_dir = Path(args.state_dir) if args.state_dir else None
-    if args.hypervisor == "xen":
-        from .xen import boot_domain_xen
-
-        if args.accel:
-            raise UserError(f"--accel {args.accel}: expected no --accel with --hypervisor xen "
-                            "(it chooses qemu's accelerator)")
-        return boot_domain_xen(Path(args.config), timeout=args.timeout, after=args.after,
-                               state_dir=state_dir, as_json=args.json)
-    from .boot import boot_domain
-
-    return boot_domain(Path(args.config), accel=args.accel, timeout=args.timeout,
-                       after=args.after, state_dir=state_dir, as_json=args.json)
+    boot = boot_function(args.hypervisor, args.accel)
+    return boot(Path(args.config), timeout=args.timeout, after=args.after, state_dir=state_dir,
+                as_json=args.json)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -21,18 +21,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import EXIT_OK, EnvironmentProblem, UserError
+from .boot import BootFunction, boot_function
+from .errors import EXIT_OK, UserError
+from .exports import same_file
 
 HYPERVISORS = ("qemu", "xen")
 
-BootFunction = Callable[..., int]
 
 
 @dataclass
@@ -66,29 +65,6 @@ class Deployment:
 
 # ---------------------------------------------------------------------------
 # The steps
-
-
-def xen_boot_function() -> BootFunction:
-    """``dom0.xen.boot_domain_xen``, imported only when Xen is asked for."""
-    try:
-        from .xen import boot_domain_xen  # type: ignore[import-not-found]
-    except ImportError as exc:
-        if exc.name not in (None, "dom0.xen") and "boot_domain_xen" not in str(exc):
-            raise
-        raise EnvironmentProblem("--hypervisor xen: the Xen backend (dom0.xen.boot_domain_xen) is "
-                                 "not available in this installation; use --hypervisor qemu") from None
-    return boot_domain_xen
-
-
-def boot_function(hypervisor: str, accel: str | None) -> BootFunction:
-    if hypervisor == "xen":
-        return xen_boot_function()
-    from .boot import boot_domain
-
-    def boot(config: Path, **kwargs) -> int:
-        return boot_domain(config, accel=accel, **kwargs)
-
-    return boot
 
 
 def domain_name(container) -> str:
@@ -142,18 +118,11 @@ def resolve_domain_kernel(container, kernel: str | None, modules_dir: str | None
         return resolve_kernel(str(path), modules_dir)
     for version in cached_versions():
         ref = resolve_kernel(version)
-        if path.name == f"vmlinuz-{version}" or _same(path, ref.vmlinuz):
+        if path.name == f"vmlinuz-{version}" or same_file(path, ref.vmlinuz):
             return type(ref)(ref.version, path, ref.modules_dir)
     raise UserError(f"{where}: kernel {path}: expected a cached kernel (vmlinuz-VERSION with its "
                     "modules in the kernel cache), found none for it; give --modules-dir DIR (its "
                     "lib/modules/VERSION), --kernel VERSION, or leave 'kernel' out")
-
-
-def _same(a: Path, b: Path) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False
 
 
 def trust_settings(trust: list[str], signer, allow_unsigned: bool):

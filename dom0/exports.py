@@ -188,7 +188,7 @@ def create_overlay(base: Path, overlay: Path, base_format: str = "raw", *,
         if header is None or backing is None:
             raise UserError(f"{prefix}{overlay} exists and is not a qcow2 overlay; it is left "
                             "alone (remove it, or name another overlay)")
-        if not _same_file(backing, base):
+        if not same_file(backing, base):
             raise UserError(f"{prefix}{overlay} is an overlay of {backing}, not of {base}; it is "
                             "left alone (remove it to start this domain from the new base)")
         if keep:
@@ -219,7 +219,8 @@ def check_base(base: Path, base_format: str, where: str = "") -> None:
                         f"{base_format}), found a {found} image (write 'format {found}')")
 
 
-def _same_file(a: Path, b: Path) -> bool:
+def same_file(a: Path, b: Path) -> bool:
+    """Do ``a`` and ``b`` name the same file (False where either is missing)?"""
     try:
         return os.path.samefile(a, b)
     except OSError:

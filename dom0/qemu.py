@@ -243,7 +243,7 @@ def run_qemu(cmd: list[str], console: Path, *, timeout: float,
                 break
             _wait(proc, poll)
     finally:
-        _terminate(proc, term_grace)
+        terminate_group(proc, term_grace)
     return QemuRun(returncode=proc.returncode, timed_out=timed_out, stopped=stopped,
                    duration=time.monotonic() - started, console=console, log=log,
                    pid=proc.pid, command=list(cmd))
@@ -266,8 +266,11 @@ def _wait(proc: subprocess.Popen[bytes], seconds: float) -> None:
         pass
 
 
-def _terminate(proc: subprocess.Popen[bytes], grace: float) -> None:
-    """SIGTERM, SIGKILL after ``grace`` seconds; then clear the rest of its process group."""
+def terminate_group(proc: subprocess.Popen[bytes], grace: float) -> None:
+    """SIGTERM, SIGKILL after ``grace`` seconds; then clear the rest of its process group.
+
+    ``proc`` leads its own process group (started with ``start_new_session``).
+    """
     if proc.poll() is None:
         _signal_group(proc.pid, signal.SIGTERM)
         try:

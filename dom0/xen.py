@@ -16,10 +16,8 @@ directory); only the way the guest is run differs:
 """
 from __future__ import annotations
 
-import os
 import shlex
 import shutil
-import signal
 import subprocess
 import time
 from dataclasses import dataclass
@@ -27,7 +25,7 @@ from pathlib import Path
 
 from .boot import domain_state_dir, finish_boot, report_stopper
 from .errors import EnvironmentProblem, UserError
-from .qemu import ConsoleWatcher
+from .qemu import ConsoleWatcher, terminate_group
 from .xlcfg import DomainConfig, load_domain_config, write_xl_config
 
 XL = "xl"
@@ -94,13 +92,6 @@ def domid_of(xl: str, name: str) -> int | None:
 def _last_line(proc: subprocess.CompletedProcess[str]) -> str:
     lines = (proc.stderr.strip() or proc.stdout.strip() or "no output").splitlines()
     return lines[-1]
-
-
-def _signal_group(pid: int, sig: signal.Signals) -> None:
-    try:
-        os.killpg(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def boot_domain_xen(config: Path, *, timeout: float = 300.0, after: str = "wait",
@@ -206,13 +197,6 @@ def _watch(xl: str, name: str, watcher: subprocess.Popen[bytes], console: Path, 
 
 def _stop_console(watcher: subprocess.Popen[bytes]) -> None:
     """End ``script`` and ``xl console`` (its own process group), never leaving them behind."""
-    if watcher.poll() is None:
-        _signal_group(watcher.pid, signal.SIGTERM)
-        try:
-            watcher.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            _signal_group(watcher.pid, signal.SIGKILL)
-            watcher.wait()
-    _signal_group(watcher.pid, signal.SIGKILL)
+    terminate_group(watcher, 5.0)
     if watcher.stdin:
         watcher.stdin.close()

@@ -890,12 +890,11 @@ def write_nfs_exports(result: ContainerResult, cfg_path: Path) -> list[Path]:
     if not result.nfs_exports:
         return []
     from ..atomic import write_atomically
-    from ..nfs import GaneshaConfig, exports_line, ganesha_config_text
+    from ..nfs import GaneshaConfig, exports_line, write_ganesha_config
 
     ganesha = cfg_path.with_name(cfg_path.name + ".ganesha.conf")
     kernel = cfg_path.with_name(cfg_path.name + ".exports")
-    text = ganesha_config_text(GaneshaConfig(exports=tuple(result.nfs_exports)))
-    write_atomically(ganesha, [text.encode()])
+    write_ganesha_config(ganesha, GaneshaConfig(exports=tuple(result.nfs_exports)))
     lines = "".join(exports_line(export) + "\n" for export in result.nfs_exports)
     write_atomically(kernel, [("# for /etc/exports (kernel NFS server), then: exportfs -ra\n" + lines).encode()])
     return [ganesha, kernel]

@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -68,8 +72,15 @@ HOSTS_PATCH = b"""--- a/hosts
 """
 
 
-def signed_domain(tmp: Path, kernel, keys, plan: dict, name: str, disk: Path, mac: str) -> Path:
-    """The plan signed with the trusted key, an initrd trusting it, and a one-disk xl config with a NIC."""
+def root_disk(image: Path, access: str = "rw") -> str:
+    """The xl disk spec of a domain's first disk (xvda) on ``image``."""
+    return f"format=raw,vdev=xvda,access={access},target={image}"
+
+
+def signed_domain(tmp: Path, kernel, keys, plan: dict, name: str, disks: list[str],
+                  mac: str | None = None) -> Path:
+    """The plan signed with the trusted key, an initrd trusting it, and an xl config with
+    ``disks`` (xl disk specs) and, given ``mac``, a NIC."""
     from dom0.initrd import load_trust, prepare_initrd
     from dom0.keys import sign_with
 
@@ -79,8 +90,26 @@ def signed_domain(tmp: Path, kernel, keys, plan: dict, name: str, disk: Path, ma
     sign_with(plan_file, secret)
     initrd = tmp / f"{name}.initrd"
     prepare_initrd(kernel, initrd, plan=plan_file, trust=load_trust([str(public)], False))
+    settings = {"name": name, "kernel": str(kernel.vmlinuz), "ramdisk": str(initrd), "memory": 512,
+                "disk": disks}
+    if mac is not None:
+        settings["vif"] = [f"mac={mac}"]
     cfg = tmp / f"{name}.cfg"
-    cfg.write_text(write_xl_config({"name": name, "kernel": str(kernel.vmlinuz), "ramdisk": str(initrd),
-                                    "memory": 512, "vif": [f"mac={mac}"],
-                                    "disk": [f"format=raw,vdev=xvda,access=rw,target={disk}"]}))
+    cfg.write_text(write_xl_config(settings))
     return cfg
+
+
+@contextmanager
+def replayed(image: Path, tmp: Path) -> Iterator[Path]:
+    """The file system of ``image`` as the guest left it: a copy, loop-mounted (its journal
+    replayed), so ``image`` itself is never touched."""
+    copy = tmp / f"look-{image.name}"
+    shutil.copyfile(image, copy)
+    mnt = tmp / f"mnt-{image.name}"
+    mnt.mkdir(exist_ok=True)
+    subprocess.run(["mount", "-o", "loop", str(copy), str(mnt)], check=True, capture_output=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True, capture_output=True)
+        copy.unlink()

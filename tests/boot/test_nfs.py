@@ -20,7 +20,7 @@ from dom0.boot import boot_domain
 from dom0.nfs import Export, GaneshaConfig, free_port, serve
 from dom0.rootfs import busybox_tree, make_ext4_image
 
-from .conftest import signed_domain
+from .conftest import root_disk, signed_domain
 
 pytestmark = [
     pytest.mark.boot,
@@ -80,7 +80,7 @@ def _plan(port: int, timeout: float = 30, options: list[str] | None = None) -> d
 
 
 def _boot(tmp: Path, kernel, keys, plan: dict, name: str) -> tuple[int, dict, str]:
-    cfg = signed_domain(tmp, kernel, keys, plan, name, _root_image(tmp), MAC)
+    cfg = signed_domain(tmp, kernel, keys, plan, name, [root_disk(_root_image(tmp))], MAC)
     code = boot_domain(cfg, timeout=300, after="wait", state_dir=tmp / "state", quiet=True)
     state = tmp / "state" / name
     return code, json.loads((state / "report.json").read_text()), (state / "console.log").read_text(errors="replace")

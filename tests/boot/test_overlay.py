@@ -11,10 +11,9 @@ import pytest
 
 from dom0.boot import boot_domain
 from dom0.demo import INIT_SCRIPT
-from dom0.initrd import load_trust, prepare_initrd
-from dom0.keys import sign_with
 from dom0.rootfs import busybox_tree, make_ext4_image
-from dom0.xlcfg import write_xl_config
+
+from .conftest import root_disk, signed_domain
 
 pytestmark = pytest.mark.boot
 
@@ -26,20 +25,10 @@ def _digest(path: Path) -> str:
 
 
 def _domain(tmp: Path, kernel, keys, name: str, shared: Path, upper, disks: list[str]) -> Path:
-    (secret, public), _ = keys
     plan = {"version": 1, "name": name, "device_timeout": 20,
             "mounts": [{"target": "/", "overlay": {"lower": [{"label": SHARED}], "upper": upper}}],
             "steps": [{"op": "replace", "path": "/etc/hostname", "content": f"{name}\n"}]}
-    plan_file = tmp / f"{name}.json"
-    plan_file.write_text(json.dumps(plan))
-    sign_with(plan_file, secret)
-    initrd = tmp / f"{name}.initrd"
-    prepare_initrd(kernel, initrd, plan=plan_file, trust=load_trust([str(public)], False))
-    cfg = tmp / f"{name}.cfg"
-    cfg.write_text(write_xl_config({
-        "name": name, "kernel": str(kernel.vmlinuz), "ramdisk": str(initrd), "memory": 512,
-        "disk": [f"format=raw,vdev=xvda,access=ro,target={shared}", *disks]}))
-    return cfg
+    return signed_domain(tmp, kernel, keys, plan, name, [root_disk(shared, "ro"), *disks])
 
 
 def test_two_domains_share_one_read_only_root(tmp_path, kernel, signing_keys):

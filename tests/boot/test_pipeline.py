@@ -12,7 +12,6 @@ import hashlib
 import http.server
 import io
 import json
-import shutil
 import subprocess
 import sys
 import threading
@@ -24,7 +23,7 @@ from dom0.boot import boot_domain
 from dom0.cpio import CpioWriter
 from dom0.rootfs import busybox_tree, make_ext4_image
 
-from .conftest import HOSTS, HOSTS_PATCH, signed_domain
+from .conftest import HOSTS, HOSTS_PATCH, replayed, root_disk, signed_domain
 
 pytestmark = pytest.mark.boot
 
@@ -94,7 +93,7 @@ def _plan(served_dir: Path, port: int, patch: str) -> dict:
 
 
 def _domain(tmp, kernel, keys, plan: dict, name: str, disk: Path) -> Path:
-    return signed_domain(tmp, kernel, keys, plan, name, disk, MAC)
+    return signed_domain(tmp, kernel, keys, plan, name, [root_disk(disk)], MAC)
 
 
 def _boot(tmp, cfg: Path, name: str) -> tuple[int, dict, str]:
@@ -224,13 +223,8 @@ def _files(image: Path, tmp: Path) -> dict[str, tuple]:
     Read from a loop-mounted copy, so the journal the guest left is replayed without touching
     ``image`` itself.  Two equal results mean not one file, directory or attribute changed.
     """
-    copy = tmp / f"look-{image.name}"
-    shutil.copyfile(image, copy)
-    mnt = tmp / f"mnt-{image.name}"
-    mnt.mkdir(exist_ok=True)
-    subprocess.run(["mount", "-o", "loop", str(copy), str(mnt)], check=True, capture_output=True)
     out: dict[str, tuple] = {}
-    try:
+    with replayed(image, tmp) as mnt:
         for path in sorted(mnt.rglob("*")):
             st = path.lstat()
             meta = (oct(st.st_mode), st.st_uid, st.st_gid, st.st_mtime_ns, st.st_ctime_ns)
@@ -241,9 +235,6 @@ def _files(image: Path, tmp: Path) -> dict[str, tuple]:
             else:
                 body = None
             out[path.relative_to(mnt).as_posix()] = (body, *meta)
-    finally:
-        subprocess.run(["umount", str(mnt)], check=True, capture_output=True)
-        copy.unlink()
     return out
 
 

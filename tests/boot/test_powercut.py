@@ -26,12 +26,10 @@ import http.server
 import io
 import json
 import os
-import shutil
 import signal
 import subprocess
 import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -44,7 +42,7 @@ from dom0.qemu import QemuSettings, find_qemu, qemu_command
 from dom0.rootfs import busybox_tree, make_ext4_image
 from dom0.xlcfg import load_domain_config, write_xl_config
 
-from .conftest import HOSTS, HOSTS_PATCH
+from .conftest import HOSTS, HOSTS_PATCH, replayed
 
 pytestmark = pytest.mark.boot
 
@@ -202,26 +200,11 @@ def _record(report: dict, stage: str) -> dict:
     return [r for r in report["records"] if r["stage"] == stage][-1]
 
 
-@contextmanager
-def _replayed(image: Path, tmp: Path):
-    """The file system of ``image`` as the guest left it: a copy, loop-mounted (its journal replayed)."""
-    copy = tmp / f"look-{image.name}"
-    shutil.copyfile(image, copy)
-    mnt = tmp / f"mnt-{image.name}"
-    mnt.mkdir(exist_ok=True)
-    subprocess.run(["mount", "-o", "loop", str(copy), str(mnt)], check=True, capture_output=True)
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", str(mnt)], check=True, capture_output=True)
-        copy.unlink()
-
-
 def _tree(image: Path, tmp: Path) -> dict[str, tuple]:
     """Every file of ``image``: kind, mode, owner, and content or link target (the applied record
     without its time stamp; the kept boot report left out)."""
     out: dict[str, tuple] = {}
-    with _replayed(image, tmp) as mnt:
+    with replayed(image, tmp) as mnt:
         for dirpath, dirs, files in os.walk(mnt):
             for name in dirs + files:
                 path = Path(dirpath) / name
@@ -244,7 +227,7 @@ def _tree(image: Path, tmp: Path) -> dict[str, tuple]:
 
 def _journal(image: Path, tmp: Path) -> dict[str, object]:
     """What the transaction left on ``image``: its journal directory's entries, and key files."""
-    with _replayed(image, tmp) as mnt:
+    with replayed(image, tmp) as mnt:
         txn = mnt / ".supercharge-txn"
         return {"txn": sorted(p.name for p in txn.iterdir()) if txn.is_dir() else None,
                 "hostname": (mnt / "hostname").read_text() if (mnt / "hostname").exists() else None,
