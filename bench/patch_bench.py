@@ -31,6 +31,7 @@ import random
 import resource
 import shutil
 import stat
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -54,7 +55,7 @@ class Best:
     """
 
     def __init__(self) -> None:
-        self.wall = self.cpu = float("inf")
+        self.cpu = float("inf")
         self.walls: list[float] = []
 
     @contextmanager
@@ -66,13 +67,15 @@ class Best:
         w0 = time.perf_counter()
         yield
         self.walls.append(time.perf_counter() - w0)
-        self.wall = min(self.walls)
         self.cpu = min(self.cpu, time.process_time() + _children_cpu() - c0)
 
     @property
+    def wall(self) -> float:
+        return min(self.walls, default=float("inf"))
+
+    @property
     def median(self) -> float:
-        walls = sorted(self.walls)
-        return walls[len(walls) // 2]
+        return statistics.median_high(self.walls)
 
     def __str__(self) -> str:
         return (f"{self.wall * 1000:7.1f} ms wall (median {self.median * 1000:6.1f}), "

@@ -404,7 +404,8 @@ def _apply_file(fp: FilePatch, tree: Tree, max_fuzz: int, source: str, *,
         if problem:
             return fail("binary-mismatch", problem)
     elif fp.hunks:
-        cached = before.lines if before is not None and before.content is content else None
+        own = before is not None and before.content is content  # the file's own content, not b""
+        cached = before.lines if own else None  # type: ignore[union-attr]
         output, res.hunks = place_hunks(content, fp.hunks, max_fuzz, lines=cached, creating=creating,
                                         input_size=len(content), stop_on_failure=quick,
                                         exact_only=exact_only)
@@ -420,8 +421,8 @@ def _apply_file(fp: FilePatch, tree: Tree, max_fuzz: int, source: str, *,
             from .diagnose import diagnose_hunk
 
             lines = cached if cached is not None else split_lines(content)
-            if before is not None and before.content is content:
-                before.lines = lines  # the reverse check may need them again
+            if own:
+                before.lines = lines  # type: ignore[union-attr]  # the reverse check may need them again
             for h in bad:
                 diagnose_hunk(lines, fp.hunks[h.number - 1], h)
             numbers = ", ".join(f"#{h.number}" for h in bad)

@@ -206,8 +206,7 @@ class FilePlacer:
             if self.apply_hunk(hunk, first_guess, 0):
                 return HunkResult(hunk.number, hunk.header, "applied", first_guess, new_line,
                                   self.in_offset, 0)
-        return HunkResult(hunk.number, hunk.header, "failed", None, first_guess + self.out_offset,
-                          self.in_offset, 0, reason="its old lines are not at the stated line")
+        return _not_at_stated_line(hunk, first_guess + self.out_offset, self.in_offset)
 
     def place(self, hunk: Hunk, max_fuzz: int, *, creating: bool = False,
               input_size: int = 0) -> HunkResult:
@@ -290,11 +289,10 @@ def place_hunks(content: bytes, hunks: list[Hunk], max_fuzz: int, *, lines: list
             if exact_only:
                 # Only the stated line counts: walk to it, compare, no search (the
                 # already-applied check asks this of text that is usually not there).
-                start = _line_start(content, pos, first_guess - 1 - frozen, avg) if frozen < first_guess else -1
+                start = _line_start(content, pos, first_guess - 1 - frozen, avg)
                 if start < 0 or not content.startswith(old, start):
                     if stop_on_failure:  # a yes/no question: no need to split the file to answer it
-                        results.append(HunkResult(h.number, h.header, "failed", None, first_guess + out_offset,
-                                                  in_offset, 0, reason="its old lines are not at the stated line"))
+                        results.append(_not_at_stated_line(h, first_guess + out_offset, in_offset))
                         return b"", results
                     break
                 where = first_guess
@@ -314,7 +312,7 @@ def place_hunks(content: bytes, hunks: list[Hunk], max_fuzz: int, *, lines: list
                     if found is _TOO_COMMON:
                         # Very common text: only the stated line is checked here; the
                         # line-based search decides the rest.
-                        start = _line_start(content, pos, first_guess - 1 - frozen, avg) if frozen < first_guess else -1
+                        start = _line_start(content, pos, first_guess - 1 - frozen, avg)
                         found = (first_guess, start) if start >= 0 and content.startswith(old, start) else None
                     if found is None:
                         break
@@ -390,13 +388,22 @@ def place_hunks(content: bytes, hunks: list[Hunk], max_fuzz: int, *, lines: list
     return placer.finish(), results
 
 
+def _not_at_stated_line(hunk: Hunk, new_line: int, offset: int) -> HunkResult:
+    """The result of an exact-only check that failed (see ``exact_only``)."""
+    return HunkResult(hunk.number, hunk.header, "failed", None, new_line, offset, 0,
+                      reason="its old lines are not at the stated line")
+
+
 def _line_start(data: bytes, pos: int, k: int, avg: int) -> int:
-    """The offset of the line ``k`` lines after the one starting at ``pos``; -1 past the end.
+    """The offset of the line ``k`` lines after the one starting at ``pos``; -1 past the end,
+    and -1 for a negative ``k`` (a line already behind ``pos``).
 
     One count of newlines over a window sized from the average line length
     (a little more than needed), then a few steps back to the exact one:
     a handful of C-speed calls per hunk instead of one Python step per line.
     """
+    if k < 0:
+        return -1
     if k <= 3:
         for _ in range(k):
             pos = data.find(b"\n", pos) + 1

@@ -27,7 +27,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,6 +94,13 @@ class Node:
     def same(self, other: Node | None) -> bool:
         return (other is not None and self.kind == other.kind and self.content == other.content
                 and (self.kind == "symlink" or self.mode == other.mode))
+
+
+def _backup_names(where: str, name: str) -> Iterator[str]:
+    """Random backup names for ``name`` in ``where``; FileExistsError after 100 of them."""
+    for _ in range(100):
+        yield os.path.join(where, f".{name}.{os.urandom(4).hex()}{BACKUP_SUFFIX}")
+    raise FileExistsError(errno.EEXIST, "no free temporary name", where)
 
 
 def _unlink_quietly(paths: Iterable[str]) -> None:
@@ -176,8 +183,9 @@ class Tree:
             raise UnsafePath(f"{rel}: resolves to the root itself or outside it")
         return text[len(prefix):]
 
-    def host(self, key: str) -> Path:
-        return self.root / key
+    def host(self, key: str) -> str:
+        """The host path of ``key`` (a string: the commit builds hundreds of them)."""
+        return self._prefix + key
 
     # -- state
 
@@ -199,14 +207,9 @@ class Tree:
         self.current[key] = node
 
     def _read(self, key: str) -> Node | None:
-        path = self._prefix + key
-        if "/" in key:
-            parent = key.rpartition("/")[0]
-            real = self._real.get(parent)
-            if real is None:
-                real = self._real[parent] = self._real_dirs(parent)
-            if not real:
-                return None  # under a symlink or a file: in the patch's view nothing is there
+        path = self.host(key)
+        if "/" in key and not self._real_dirs(key.rpartition("/")[0]):
+            return None  # under a symlink or a file: in the patch's view nothing is there
         try:
             st = os.lstat(path)
         except (FileNotFoundError, NotADirectoryError):
@@ -226,8 +229,15 @@ class Tree:
 
         Keys below a path the patch deletes or creates are taken literally
         (see :meth:`key`); reading them must not follow a symlink that the
-        operating system would otherwise follow silently.
+        operating system would otherwise follow silently.  Each directory is
+        looked at once (the disk does not change until the commit).
         """
+        known = self._real.get(rel_dir)
+        if known is None:
+            known = self._real[rel_dir] = self._look_real(rel_dir)
+        return known
+
+    def _look_real(self, rel_dir: str) -> bool:
         current = str(self.root)
         for part in rel_dir.split("/"):
             current = os.path.join(current, part)
@@ -477,9 +487,7 @@ class Tree:
         None where the file system has no hard links (vfat...): the commit
         still works, only an error half way could then not restore that file.
         """
-        name = os.path.basename(target)
-        for _ in range(100):
-            link = os.path.join(where, f".{name}.{os.urandom(4).hex()}{BACKUP_SUFFIX}")
+        for link in _backup_names(where, os.path.basename(target)):
             try:
                 os.link(target, link, follow_symlinks=False)
                 return link
@@ -489,15 +497,12 @@ class Tree:
                 if exc.errno in (errno.EPERM, errno.EXDEV, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP):
                     return None
                 raise
-        raise FileExistsError(errno.EEXIST, "no free temporary name", where)
+        raise AssertionError("unreachable")  # _backup_names raises when it runs out
 
     @staticmethod
     def _free_name(where: str, name: str) -> str:
-        for _ in range(100):
-            path = os.path.join(where, f".{name}.{os.urandom(4).hex()}{BACKUP_SUFFIX}")
-            if not os.path.lexists(path):
-                return path
-        raise FileExistsError(errno.EEXIST, "no free temporary name", where)
+        """A backup name not taken yet (rename(2) would replace a file already there)."""
+        return next(path for path in _backup_names(where, name) if not os.path.lexists(path))
 
     def _rollback(self, staged: list[tuple[str, str, str]], backups: dict[str, str | None],
                   done: list[tuple[str, str, int]]) -> None:
