@@ -921,13 +921,6 @@ def _overlay_escape(path: Path) -> str:
     return "".join("\\" + c if c in "\\:," else c for c in str(path))
 
 
-def _read_only(path: Path) -> bool:
-    try:
-        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
-    except OSError:
-        return False
-
-
 @dataclass
 class ViewLayer:
     """One file system of the view: its mount point (guest path) and overlay directories."""
@@ -974,7 +967,7 @@ class StagedView:
                 layer = ViewLayer(fs=fs, lower=self.txn.host(fs), staged=self.work / "staged" / str(index),
                                   upper=self.work / "upper" / str(index), work=self.work / "work" / str(index),
                                   target=self.root / fs.lstrip("/") if fs != "/" else self.root,
-                                  read_only=_read_only(self.txn.host(fs)))
+                                  read_only=self.txn.read_only(fs))
                 self.txn.export_layer(fs, layer.staged)
                 for d in (layer.upper, layer.work):
                     d.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,6 @@ import binascii
 import hashlib
 import json
 import math
-import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar
@@ -503,13 +502,18 @@ def _parse_mount(value: object, where: str) -> Mount:
         device = _parse_device(obj["device"], _join(where, "device"))
     target = _parse_target(obj, where)
     fstype = "overlay" if overlay else expect_str(obj.get("fstype", DEFAULT_FSTYPE), _join(where, "fstype"))
-    options: tuple[str, ...] = DEFAULT_OPTIONS
-    if "options" in obj:
-        raw = obj["options"]
-        if not isinstance(raw, list):
-            raise PlanError(_join(where, "options"), f"expected a list of strings, found {_found(raw)}")
-        options = tuple(expect_str(o, f"{where}.options[{i}]") for i, o in enumerate(raw))
+    options = _parse_options(obj, where, expect_str)
     return Mount(device=device, target=target, fstype=fstype, options=options, overlay=overlay)
+
+
+def _parse_options(obj: dict[str, Any], where: str, expect: Callable[[Any, str], str]) -> tuple[str, ...]:
+    """A mount's ``options`` (each checked by ``expect``), or the defaults."""
+    if "options" not in obj:
+        return DEFAULT_OPTIONS
+    raw = obj["options"]
+    if not isinstance(raw, list):
+        raise PlanError(_join(where, "options"), f"expected a list of strings, found {_found(raw)}")
+    return tuple(expect(o, f"{where}.options[{i}]") for i, o in enumerate(raw))
 
 
 def _parse_target(obj: dict[str, Any], where: str) -> str:
@@ -537,12 +541,7 @@ def _parse_nfs_mount(obj: dict[str, Any], where: str) -> Mount:
         raise PlanError(_join(where, "fstype"),
                         f'expected "nfs4" for an NFS mount (NFSv2/3 need rpcbind and mount.nfs, which the '
                         f"initramfs does not have), found {_found(fstype)}")
-    options: tuple[str, ...] = DEFAULT_OPTIONS
-    if "options" in obj:
-        raw = obj["options"]
-        if not isinstance(raw, list):
-            raise PlanError(_join(where, "options"), f"expected a list of strings, found {_found(raw)}")
-        options = tuple(_expect_nfs_option(o, f"{where}.options[{i}]") for i, o in enumerate(raw))
+    options = _parse_options(obj, where, _expect_nfs_option)
     return Mount(device=export, target=target, fstype=NFS_FSTYPE, options=options)
 
 

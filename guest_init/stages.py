@@ -68,7 +68,6 @@ class BootContext:
     artifacts: dict[int, Path] = field(default_factory=dict)
     converged: bool = False
     committed: bool = False
-    hooks_started: bool = False
     txn: object | None = None            # guest_init.transaction.Transaction: apply stages, commit commits
     #: Called with the name of a point of the apply/hooks/commit stages when it is reached
     #: (``staged``, ``hooks``, ``prepared``, ``marked``, ``renamed``, ``committed``); the agent's
@@ -373,10 +372,12 @@ def _mount_nfs(ctx: BootContext, m, where: Path) -> dict:
     ``port=`` when it is not 2049.  Attempts are retried until the export's
     ``timeout`` while the server refuses or does not answer (it may still be starting).
     """
+    from .plan import DEFAULT_NFS_PORT
+
     nfs = m.nfs
     source = nfs.describe()
     base = {"device": source, "server": nfs.server, "path": nfs.path, "port": nfs.port,
-            "target": m.target, "fstype": "nfs4", "options": list(m.options), "timeout": nfs.timeout}
+            "target": m.target, "fstype": m.fstype, "options": list(m.options), "timeout": nfs.timeout}
     if not where.is_dir():
         raise StageFailed(f"mount point {m.target} does not exist in the root file system", base)
     started = time.monotonic()
@@ -391,7 +392,7 @@ def _mount_nfs(ctx: BootContext, m, where: Path) -> dict:
     flags, extra = _mount_flags(list(m.options))
     chosen = [o for o in m.options if o.partition("=")[0] in ("vers", "nfsvers", "minorversion")]
     versions = [None] if chosen else list(_NFS_NEGOTIATE)
-    common = f"addr={nfs.server},clientaddr={clientaddr}" + (f",port={nfs.port}" if nfs.port != 2049 else "")
+    common = f"addr={nfs.server},clientaddr={clientaddr}" + (f",port={nfs.port}" if nfs.port != DEFAULT_NFS_PORT else "")
     attempts = 0
     delay = 0.25
     seen: dict[str, int] = {}       # what each failed attempt got, in order of first appearance
@@ -632,7 +633,6 @@ def hooks(ctx: BootContext) -> dict:
         return {"hooks": []}
     from .hooks import HookError, HookFailed, hook_environment, run_hooks_staged
 
-    ctx.hooks_started = True
     scripts = {s.name: ctx.artifacts[i] for i, s in enumerate(plan.steps)
                if s.op == "hook" and i in ctx.artifacts}
     try:
@@ -683,7 +683,7 @@ def _stage_applied_record(ctx: BootContext) -> str | None:
     txn = ctx.txn
     try:
         guest = txn.guest(APPLIED_RECORD)
-        if os.statvfs(txn.host(txn.mount_of(guest))).f_flag & os.ST_RDONLY:
+        if txn.read_only(txn.mount_of(guest)):
             return None
         doc = {"plan_digest": ctx.plan.digest, "name": ctx.plan.name,
                "uptime": round(time.clock_gettime(time.CLOCK_BOOTTIME), 3)}

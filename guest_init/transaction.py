@@ -304,7 +304,14 @@ class Transaction:
         """The mount points (guest paths), parents first."""
         return sorted(self.mounts, key=lambda m: (0 if m == "/" else m.count("/"), m))
 
-    def export_layer(self, fs: str, layer: Path) -> int:
+    def read_only(self, fs: str) -> bool:
+        """Is file system ``fs`` (a mount point) mounted read-only?"""
+        try:
+            return bool(os.statvfs(self.host(fs)).f_flag & os.ST_RDONLY)
+        except OSError:
+            return False
+
+    def export_layer(self, fs: str, layer: Path) -> None:
         """Write the staged changes of file system ``fs`` into ``layer`` as an overlayfs layer.
 
         Stacked above the file system itself (``lowerdir=LAYER:MOUNT``), the
@@ -315,16 +322,15 @@ class Transaction:
         are created with the mode and owner of the target's directory, because
         overlayfs shows a merged directory with the attributes of its top layer.
         ``layer`` is created, and the file system's root directory attributes are
-        copied onto it for the same reason.  Returns how many entries it wrote.
+        copied onto it for the same reason.
         """
         fs_host = self.host(fs)
         layer.mkdir(parents=True, exist_ok=True)
         top = self.changes.get(fs)
         if top is not None and top.kind == "dir":
-            _set_owner_mode(layer, top, directory=True)
+            _set_owner_mode(layer, top)
         else:
             _copy_dir_attrs(fs_host, layer)
-        count = 0
         for guest, change in sorted(self.changes.items()):
             if self.mount_of(guest) != fs or guest == fs:
                 continue
@@ -336,21 +342,11 @@ class Transaction:
             elif change.kind == "dir":
                 if not dest.is_dir():
                     os.mkdir(dest, 0o700)
-                _set_owner_mode(dest, change, directory=True)
+                _set_owner_mode(dest, change)
                 if change.opaque:
                     os.setxattr(dest, OPAQUE_XATTR, b"y")
-            elif change.kind == "symlink":
-                os.symlink(bytes(change.content or b"").decode(), dest)
-                _set_owner_mode(dest, change, symlink=True)
             else:
-                fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-                try:
-                    _write_all(fd, change)
-                    _fset_owner_mode(fd, change)
-                finally:
-                    os.close(fd)
-            count += 1
-        return count
+                _write_change(dest, change, replace=False, fsync=False)
 
     def absorb_layer(self, fs: str, upper: Path, *, ignore_empty: frozenset[str] = frozenset()) -> list[str]:
         """Take an overlayfs upper layer of file system ``fs`` into the transaction.
@@ -476,18 +472,7 @@ class Transaction:
                 entry.update(mode=change.mode, uid=change.uid, gid=change.gid, opaque=change.opaque)
             elif change.kind != "delete":
                 staged = txn / f"{index}"
-                if change.kind == "symlink":
-                    staged.unlink(missing_ok=True)
-                    os.symlink(change.content.decode(), staged)
-                    _set_owner_mode(staged, change, symlink=True)
-                else:
-                    fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-                    try:
-                        _write_all(fd, change)
-                        _fset_owner_mode(fd, change)
-                        os.fsync(fd)
-                    finally:
-                        os.close(fd)
+                _write_change(staged, change, replace=True, fsync=True)
                 entry["staged"] = staged.name
             entries.append(entry)
         _fsync_dir(txn)
@@ -511,15 +496,47 @@ def _write_all(fd: int, change: Change) -> None:
                 view = view[os.write(fd, view):]
 
 
+def _write_change(dest: Path, change: Change, *, replace: bool, fsync: bool) -> None:
+    """Write a file or symlink change at ``dest`` with its mode and owner.
+
+    ``replace`` lets it take the place of what is there (a staged copy from an
+    interrupted run); else ``dest`` must be new.
+    """
+    if change.kind == "symlink":
+        if replace:
+            dest.unlink(missing_ok=True)
+        os.symlink(bytes(change.content or b"").decode(), dest)
+        _set_owner_mode(dest, change, symlink=True)
+        return
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | (os.O_TRUNC if replace else os.O_EXCL)
+    fd = os.open(dest, flags, 0o600)
+    try:
+        _write_all(fd, change)
+        _fset_owner_mode(fd, change)
+        if fsync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _owner_ids(uid: int | None, gid: int | None) -> tuple[int, int] | None:
+    """chown's arguments for an owner where None means "keep": None when both are kept."""
+    if uid is None and gid is None:
+        return None
+    return (-1 if uid is None else uid, -1 if gid is None else gid)
+
+
 def _fset_owner_mode(fd: int, change: Change) -> None:
-    if change.uid is not None or change.gid is not None:
-        os.fchown(fd, -1 if change.uid is None else change.uid, -1 if change.gid is None else change.gid)
+    ids = _owner_ids(change.uid, change.gid)
+    if ids is not None:
+        os.fchown(fd, *ids)
     os.fchmod(fd, change.mode)
 
 
-def _set_owner_mode(path: Path, change: Change, *, symlink: bool = False, directory: bool = False) -> None:
-    if change.uid is not None or change.gid is not None:
-        os.lchown(path, -1 if change.uid is None else change.uid, -1 if change.gid is None else change.gid)
+def _set_owner_mode(path: Path, change: Change, *, symlink: bool = False) -> None:
+    ids = _owner_ids(change.uid, change.gid)
+    if ids is not None:
+        os.lchown(path, *ids)
     if not symlink:
         os.chmod(path, change.mode)
 
@@ -625,9 +642,9 @@ def _roll_forward(fs_root: Path, checkpoint: Checkpoint | None = None) -> None:
                 os.mkdir(dest, 0o700)
             except FileExistsError:
                 pass
-            uid, gid = entry.get("uid"), entry.get("gid")
-            if uid is not None or gid is not None:
-                os.lchown(dest, -1 if uid is None else uid, -1 if gid is None else gid)
+            ids = _owner_ids(entry.get("uid"), entry.get("gid"))
+            if ids is not None:
+                os.lchown(dest, *ids)
             os.chmod(dest, entry["mode"])
         else:
             staged = txn / entry["staged"]
