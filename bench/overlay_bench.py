@@ -41,6 +41,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from dom0.exports import allocated_bytes, create_overlay  # noqa: E402
+from dom0.rootfs import make_ext4_image  # noqa: E402
 from dom0.tools import require_tool  # noqa: E402
 
 MIB = 1 << 20
@@ -80,8 +81,7 @@ def make_base(work: Path, size_mib: int) -> tuple[Path, int, int]:
     tree = work / "tree"
     files, content = build_tree(tree, int(size_mib * MIB * 0.7))
     base = work / "shared.img"
-    subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "sc-bench", "-d", str(tree), str(base),
-                    f"{size_mib}M"], check=True, capture_output=True)
+    make_ext4_image(tree, base, "sc-bench", size_mib)
     shutil.rmtree(tree)
     return base, files, content
 

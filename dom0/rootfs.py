@@ -6,10 +6,10 @@ so this works unprivileged and leaves no mount behind when it fails.
 from __future__ import annotations
 
 import shutil
-import subprocess
 from pathlib import Path
 
 from .errors import EnvironmentProblem
+from .tools import run_tool
 
 BUSYBOX = Path("/bin/busybox")
 APPLETS = ("sh", "cat", "echo", "mount", "umount", "poweroff", "halt", "reboot", "uname",
@@ -36,11 +36,7 @@ def busybox_tree(root: Path, init_script: str, hostname: str = "unconfigured") -
 
 def make_ext4_image(tree: Path, image: Path, label: str, size_mib: int = 32) -> Path:
     """A sparse ext4 image holding ``tree``, labelled ``label``."""
-    if shutil.which("mkfs.ext4") is None:
-        raise EnvironmentProblem("mkfs.ext4 not found: install Debian's e2fsprogs package")
     image.unlink(missing_ok=True)
-    proc = subprocess.run(["mkfs.ext4", "-q", "-F", "-L", label, "-d", str(tree), str(image), f"{size_mib}M"],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise EnvironmentProblem(f"mkfs.ext4 failed for {image}: {proc.stderr.strip()}")
+    run_tool(["mkfs.ext4", "-q", "-F", "-L", label, "-d", str(tree), str(image), f"{size_mib}M"],
+             f"make {image} (mkfs.ext4 -d)")
     return image

@@ -71,15 +71,7 @@ def add_parsers(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dom0.xenlab",
-                                     description="Real Xen 4.17 under qemu for tests and users.")
-    add_parsers(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
-    args = parser.parse_args(["xenlab", *(argv if argv is not None else sys.argv[1:])])
-    try:
-        return args.func(args)
-    except UserError as exc:
-        print(f"supercharge: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("supercharge: interrupted", file=sys.stderr)
-        return 130
+    """``python -m dom0.xenlab ACTION ...``: ``supercharge xenlab ACTION ...`` (same errors, same exit codes)."""
+    from dom0.cli import main as supercharge
+
+    return supercharge(["xenlab", *(argv if argv is not None else sys.argv[1:])])

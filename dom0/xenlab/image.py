@@ -33,6 +33,7 @@ from dom0.errors import EnvironmentProblem
 from dom0.kernel import KernelRef
 from dom0.kmod import resolve_modules
 
+from dom0.rootfs import make_ext4_image
 from dom0.tools import run_tool
 
 from .hypervisor import candidate_version
@@ -188,9 +189,7 @@ def _install_init(root: Path) -> None:
 def _ext4_image(tree: Path, image: Path, label: str) -> None:
     """An ext4 image of ``tree`` with room to spare (dom0 writes logs and xl state)."""
     used = int(run_tool(["du", "-s", "-B1M", str(tree)], "measure dom0's root").split()[0])
-    size = max(768, int(used * 1.6) + 128)
-    run_tool(["mkfs.ext4", "-q", "-F", "-L", label, "-d", str(tree), str(image), f"{size}M"],
-             "make dom0's root image (mkfs.ext4 -d)")
+    make_ext4_image(tree, image, label, max(768, int(used * 1.6) + 128))
 
 
 def _initramfs(kernel: KernelRef) -> bytes:

@@ -28,6 +28,7 @@ from dom0.cache import cache_root
 from dom0.errors import EnvironmentProblem, UserError
 from dom0.kernel import KernelRef
 
+from dom0.rootfs import make_ext4_image
 from dom0.tools import run_tool
 from .scripts import JOB_LABEL
 
@@ -180,10 +181,7 @@ def _stage_caches(dest: Path, root: Path, kernel: KernelRef,
 def make_job_image(staging: Path, image: Path, extra_mib: int) -> Path:
     """An ext4 image of ``staging`` with ``extra_mib`` free for the job's outputs."""
     used = int(run_tool(["du", "-s", "-B1M", str(staging)], "measure the job").split()[0])
-    image.unlink(missing_ok=True)
-    run_tool(["mkfs.ext4", "-q", "-F", "-L", JOB_LABEL, "-d", str(staging), str(image),
-              f"{int(used * 1.2) + extra_mib + 32}M"], "make the job disk (mkfs.ext4 -d)")
-    return image
+    return make_ext4_image(staging, image, JOB_LABEL, int(used * 1.2) + extra_mib + 32)
 
 
 def read_results(image: Path, dest: Path) -> Path:

@@ -84,8 +84,9 @@ class XenLab:
 
     def qemu_command(self, xen: Path, dom0: Dom0Image, job_image: Path, serial: Path) -> list[str]:
         modules = f"{qemu_escape(str(dom0.kernel))} {DOM0_ARGS},{qemu_escape(str(dom0.initramfs))}"
-        return ["qemu-system-x86_64", "-machine", "pc", *QemuSettings(accel="tcg").accel_args(),
-                "-cpu", QEMU_CPU, "-smp", "1", "-m", str(QEMU_MEMORY_MIB),
+        qemu = QemuSettings(accel="tcg", cpu=QEMU_CPU)
+        return [qemu.binary, "-machine", qemu.machine, *qemu.accel_args(),
+                "-cpu", qemu.cpu, "-smp", "1", "-m", str(QEMU_MEMORY_MIB),
                 "-display", "none", "-monitor", "none", "-no-reboot",
                 "-chardev", f"file,id=serial0,path={qemu_escape(str(serial))}",
                 "-serial", "chardev:serial0",
