@@ -10,6 +10,8 @@ initrd.  Here they run in order on one domain, in one state directory:
     STATE/NAME/initrd.img               the cached base plus the plan
     STATE/NAME/NAME.cfg                 the xl config: the container's statements,
                                         its exported disks, kernel and ramdisk
+    STATE/NAME/NAME.cfg.ganesha.conf,   with [nfs] expressions: the domain's NFS
+    STATE/NAME/NAME.cfg.exports         exports for nfs-ganesha or /etc/exports
     STATE/NAME/console.log, report.json what the boot said
 
 ``--dry-run`` does everything that only reads (parsing, checking images,
@@ -52,6 +54,7 @@ class Deployment:
     kernel: str = ""
     log: list[str] = field(default_factory=list)
     expressions: list[dict] = field(default_factory=list)
+    nfs_exports: list[Path] = field(default_factory=list)
 
     def to_json(self) -> dict:
         return {"domain": self.name, "container": self.container, "hypervisor": self.hypervisor,
@@ -60,7 +63,7 @@ class Deployment:
                 "plan_path": str(self.plan_path) if self.plan_path else None,
                 "initrd": str(self.initrd) if self.initrd else None,
                 "initrd_info": self.initrd_info, "kernel": self.kernel,
-                "expressions": self.expressions}
+                "expressions": self.expressions, "nfs_exports": [str(p) for p in self.nfs_exports]}
 
 
 # ---------------------------------------------------------------------------
@@ -159,7 +162,7 @@ def deploy(args: argparse.Namespace) -> int:
     from .cache import state_root
     from .container.cli import _set_trust
     from .container.parse import load_container
-    from .container.process import Workspace, process_container
+    from .container.process import Workspace, process_container, write_nfs_exports
     from .xlcfg import domain_from_settings, write_xl_config
 
     container = load_container(Path(args.container))
@@ -208,6 +211,7 @@ def deploy(args: argparse.Namespace) -> int:
         if args.dry_run:
             return _print_dry_run(dep, args.json)
         write_atomically(dep.config_path, [dep.config_text.encode()])
+        dep.nfs_exports = write_nfs_exports(result, dep.config_path)
         return _start(dep, boot, args)
     finally:
         if scratch is not None:
@@ -215,17 +219,11 @@ def deploy(args: argparse.Namespace) -> int:
 
 
 def _write_plan_and_initrd(dep: Deployment, plan: dict, signer, kernel, args) -> None:
-    from .atomic import write_atomically
     from .initrd import prepare_initrd
-    from .keys import sign_file, write_signature
+    from .keys import write_signed_plan
 
     assert dep.plan_path is not None and dep.initrd is not None
-    write_atomically(dep.plan_path, [(json.dumps(plan, indent=2, sort_keys=True) + "\n").encode()])
-    sig = dep.plan_path.with_name(dep.plan_path.name + ".minisig")
-    if signer is not None:
-        write_signature(dep.plan_path, sign_file(dep.plan_path, signer))
-    else:
-        sig.unlink(missing_ok=True)       # an old signature must not vouch for a new plan
+    write_signed_plan(dep.plan_path, plan, signer)
     trust = trust_settings(args.trust or [], signer, args.allow_unsigned_plans)
     modules = [m.strip() for value in args.modules or [] for m in value.split(",") if m.strip()]
     result = prepare_initrd(kernel, dep.initrd, plan=dep.plan_path, extra_modules=modules,
@@ -262,6 +260,8 @@ def _start(dep: Deployment, boot: BootFunction | None, args: argparse.Namespace)
                   f"(base {'from cache' if base['cached'] else 'built'}, plan "
                   f"{dep.initrd_info['plan_segment']} bytes, {dep.initrd_info['seconds']:.2f} s)")
         print(f"config:  {dep.config_path}")
+        for path in dep.nfs_exports:
+            print(f"NFS exports: {path}")
         print(f"starting {dep.name} under {dep.hypervisor} ...", flush=True)
     code = boot(dep.config_path, timeout=args.timeout, after=args.after, state_dir=states,
                 as_json=False, quiet=args.json)

@@ -445,6 +445,21 @@ def write_signature(path: Path | str, text: str, sig_path: Path | str | None = N
     return target
 
 
+def write_signed_plan(path: Path, plan: dict, signer: SecretKey | None) -> None:
+    """Write a boot plan (JSON) atomically and sign it with ``signer``.
+
+    Without a signer an old ``.minisig`` beside it is removed: a signature must
+    never vouch for a plan it was not made for.
+    """
+    import json
+
+    write_atomically(path, (json.dumps(plan, indent=2, sort_keys=True) + "\n").encode())
+    if signer is not None:
+        write_signature(path, sign_file(path, signer))
+    else:
+        signature_path_for(path).unlink(missing_ok=True)
+
+
 def ensure_unencrypted_keypair(directory: Path, name: str) -> tuple[Path, Path]:
     """A key pair kept in ``directory`` for demos and tests, made once, unencrypted on purpose.
 

@@ -54,11 +54,12 @@ def run_containers(files: list[str], stripped: str, plan: str | None, log: str |
         if result.plan is not None:
             plan_path = (out_dir / f"{stem}.plan.json" if out_dir
                          else Path(plan) if plan else cfg_path.with_name(cfg_path.name + ".plan.json"))
-            _atomic_write(plan_path, json.dumps(result.plan, indent=2, sort_keys=True) + "\n")
-            if workspace.signer is not None:
-                from ..keys import sign_file, write_signature
+            if plan_path.is_dir():
+                raise UserError(f"{plan_path}: is a directory; expected a file name")
+            plan_path.parent.mkdir(parents=True, exist_ok=True)
+            from ..keys import write_signed_plan
 
-                write_signature(plan_path, sign_file(plan_path, workspace.signer))
+            write_signed_plan(plan_path, result.plan, workspace.signer)
         exports = write_nfs_exports(result, cfg_path)
         append_log([entry.line() for entry in result.log])
         summary.append({"container": container.path, "stripped": str(cfg_path),

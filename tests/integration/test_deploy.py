@@ -112,6 +112,32 @@ def test_dry_run_text_output(site: Path, kernel, tmp_path: Path) -> None:
     assert json.loads(plan_text)["name"] == "web2"
 
 
+@pytest.mark.skipif(shutil.which("xl") is not None, reason="a Xen dom0 would really start the domain")
+def test_deploy_writes_everything_before_starting_and_nfs_exports_beside_the_config(
+        tmp_path: Path, kernel) -> None:
+    """Everything is in the state directory before the domain is started: here the start
+    itself fails (no xl on this host, exit code 3), after the config, the plan, the initrd and
+    the domain's NFS exports were written; an old plan signature is removed."""
+    (tmp_path / "exports" / "opt").mkdir(parents=True)
+    ct = tmp_path / "nfs1.ct"
+    ct.write_text('name = "nfs1"\nvif = [ "mac=52:54:00:ab:cd:09" ]\n[mount sc-root / rw] [end]\n'
+                  "[nfs exports/opt /opt ro server 10.0.2.2 pseudo /nfs1/opt] [end]\n")
+    state = tmp_path / "state"
+    stale = state / "nfs1" / "plan.json.minisig"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("an old signature\n")
+    proc = run_cli("deploy", str(ct), "--hypervisor", "xen", "--allow-unsigned-plans",
+                   "--state-dir", str(state))
+    assert proc.returncode == 3 and "xl" in proc.stderr, proc.stderr
+    domain = state / "nfs1"
+    assert {p.name for p in domain.iterdir()} >= {"nfs1.cfg", "plan.json", "initrd.img",
+                                                   "nfs1.cfg.ganesha.conf", "nfs1.cfg.exports"}
+    assert not stale.exists()
+    assert 'Pseudo = "/nfs1/opt";' in (domain / "nfs1.cfg.ganesha.conf").read_text()
+    assert str((tmp_path / "exports" / "opt").resolve()) in (domain / "nfs1.cfg.exports").read_text()
+    assert "NFS exports: " + str(domain / "nfs1.cfg.ganesha.conf") in proc.stdout
+
+
 def test_written_config_resolves_paths_from_the_container(site: Path, kernel, tmp_path: Path) -> None:
     """Relative targets in the container are relative to it, wherever the config is written."""
     proc = run_cli("deploy", str(site / "web2.ct"), "--dry-run", "--json",
