@@ -88,9 +88,12 @@ def read_qcow2_header(path: Path) -> Qcow2Header | None:
     size = struct.unpack_from(">Q", head, 24)[0]
     backing = None
     if backing_offset and backing_size:
-        with open(path, "rb") as handle:
-            handle.seek(backing_offset)
-            backing = handle.read(backing_size).decode("utf-8", "replace")
+        raw = head[backing_offset:backing_offset + backing_size]
+        if len(raw) < backing_size:  # not in the first 4 KiB (qemu-img puts it there)
+            with open(path, "rb") as handle:
+                handle.seek(backing_offset)
+                raw = handle.read(backing_size)
+        backing = raw.decode("utf-8", "replace")
     backing_format = None
     if version >= 3 and len(head) >= 104:
         offset = struct.unpack_from(">I", head, 100)[0]     # header_length: extensions follow

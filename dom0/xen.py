@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .atomic import write_atomically
 from .boot import domain_state_dir, finish_boot, report_stopper
 from .errors import EnvironmentProblem, UserError
 from .qemu import ConsoleWatcher, terminate_group
@@ -108,7 +109,7 @@ def boot_domain_xen(config: Path, *, timeout: float = 300.0, after: str = "wait"
     state = domain_state_dir(domain.name, state_dir)
     console = state / "console.log"
     resolved = state / "domain.cfg"
-    resolved.write_text(write_xl_config(domain.to_xl()))
+    write_atomically(resolved, [write_xl_config(domain.to_xl()).encode()])
     run = _run(xl, script, domain.name, resolved, console, state / "xl.log", timeout, after)
     hypervisor = {"backend": "xen", "type": domain.type, "domid": run.domid,
                   "timed_out": run.timed_out, "stopped": run.stopped, "ended": run.ended,

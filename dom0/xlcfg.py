@@ -922,9 +922,13 @@ class DomainConfig:
     on_poweroff: str = "destroy"
     on_reboot: str = "restart"
     on_crash: str = "destroy"
-    channel: list[str] = field(default_factory=list)
     raw: XlConfig = field(default_factory=XlConfig)
     channels: list[ChannelSpec] = field(default_factory=list)
+
+    @property
+    def channel(self) -> list[str]:
+        """The channel specs as the config wrote them."""
+        return [c.spec for c in self.channels]
 
     def to_xl(self) -> XlConfig:
         """The raw settings with resolved paths and canonical device specs.
@@ -979,7 +983,7 @@ def domain_from_settings(raw: XlConfig, path: Path, base: Path | None = None) ->
         on_poweroff=_action(raw, "on_poweroff", "destroy"),
         on_reboot=_action(raw, "on_reboot", "restart"),
         on_crash=_action(raw, "on_crash", "destroy"),
-        channel=_string_list(raw, "channel"), raw=raw, channels=_channels(raw))
+        raw=raw, channels=_channels(raw))
 
 
 def _read_text(path: Path) -> str:

@@ -69,6 +69,7 @@ class XenLab:
         self.cache = Path(cache) if cache else cache_dir("xenlab")
         self._kernel = kernel
         self.log = log
+        self._built: tuple[Path, Dom0Image] | None = None
 
     @property
     def kernel(self) -> KernelRef:
@@ -77,10 +78,11 @@ class XenLab:
         return self._kernel
 
     def build(self) -> tuple[Path, Dom0Image]:
-        """The hypervisor and dom0, from the cache or built now."""
-        xen = fetch_hypervisor(self.cache)
-        dom0 = build_dom0(self.cache, self.kernel, log=self.log)
-        return xen, dom0
+        """The hypervisor and dom0, from the cache or built now (looked up once per lab)."""
+        if self._built is None:
+            xen = fetch_hypervisor(self.cache)
+            self._built = xen, build_dom0(self.cache, self.kernel, log=self.log)
+        return self._built
 
     def qemu_command(self, xen: Path, dom0: Dom0Image, job_image: Path, serial: Path) -> list[str]:
         modules = f"{qemu_escape(str(dom0.kernel))} {DOM0_ARGS},{qemu_escape(str(dom0.initramfs))}"
