@@ -52,6 +52,10 @@ class StageFailed(Exception):
         self.details = details or {}
 
 
+def _no_checkpoint(point: str) -> None:
+    """The default checkpoint: nothing happens at any point (the agent sets its pauser)."""
+
+
 @dataclass
 class BootContext:
     """What the stages hand on to each other."""
@@ -72,7 +76,7 @@ class BootContext:
     #: Called with the name of a point of the apply/hooks/commit stages when it is reached
     #: (``staged``, ``hooks``, ``prepared``, ``marked``, ``renamed``, ``committed``); the agent's
     #: debugging pause (``supercharge.pause=`` on the kernel command line).
-    checkpoint: Callable[[str], None] | None = None
+    checkpoint: Callable[[str], None] = _no_checkpoint
 
 
 def _mount_if_needed(source: str, target: str, fstype: str, flags: int = 0, data: str | None = None) -> None:
@@ -577,11 +581,6 @@ def _mount_overlay(ctx: BootContext, m, where: Path, index: int) -> dict:
             "upper": m.overlay.upper.describe() if m.overlay.upper else "tmpfs"}
 
 
-def _checkpoint(ctx: BootContext, point: str) -> None:
-    if ctx.checkpoint is not None:
-        ctx.checkpoint(point)
-
-
 def apply(ctx: BootContext) -> dict:
     """Stage every step in a transaction; nothing reaches the target's disks here.
 
@@ -612,7 +611,7 @@ def apply(ctx: BootContext) -> dict:
         details.update(step=index, op=step.op, duration=round(time.monotonic() - started, 4))
         ctx.applied.append(details)
     ctx.txn = txn
-    _checkpoint(ctx, "staged")
+    ctx.checkpoint("staged")
     return {"steps": ctx.applied, "staged": len(txn.changes), "recovered": recovered}
 
 
@@ -637,7 +636,7 @@ def hooks(ctx: BootContext) -> dict:
                if s.op == "hook" and i in ctx.artifacts}
     try:
         done, changed = run_hooks_staged(ctx.txn, steps, hook_environment(plan), scripts, work=HOOK_WORK,
-                                         after_hooks=lambda: _checkpoint(ctx, "hooks"))
+                                         after_hooks=lambda: ctx.checkpoint("hooks"))
     except HookFailed as exc:
         raise StageFailed(f"{exc}; nothing was committed",
                           {"hooks": [r.to_record() for r in exc.results], "committed": False}) from None
@@ -666,7 +665,7 @@ def commit(ctx: BootContext) -> dict:
         raise StageFailed(f"commit failed, nothing changed: {exc}", {"committed": False}) from None
     ctx.committed = bool(summary["file_systems"])
     shutil.rmtree(HOOK_WORK, ignore_errors=True)
-    _checkpoint(ctx, "committed")
+    ctx.checkpoint("committed")
     return {"commit": summary, "recorded": recorded}
 
 

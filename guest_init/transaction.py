@@ -53,6 +53,10 @@ OPAQUE_XATTR = "trusted.overlay.opaque"
 Checkpoint = Callable[[str], None]
 
 
+def _no_checkpoint(point: str) -> None:
+    """The default checkpoint: nothing happens at any point."""
+
+
 class TransactionError(Exception):
     """A change cannot be staged (read-only file system, path outside the root, ...)."""
 
@@ -117,7 +121,7 @@ class Transaction:
     """Pending changes to the tree at ``root`` whose mount points (guest paths) are ``mounts``."""
 
     def __init__(self, root: Path, mounts: list[str] | tuple[str, ...] = ("/",),
-                 checkpoint: Checkpoint | None = None) -> None:
+                 checkpoint: Checkpoint = _no_checkpoint) -> None:
         self.root = Path(root)
         self.mounts = sorted(set(mounts) | {"/"}, key=lambda m: (-len(m), m))
         self.changes: dict[str, Change] = {}
@@ -425,10 +429,6 @@ class Transaction:
                 return mount
         return "/"
 
-    def _checkpoint(self, point: str) -> None:
-        if self.checkpoint is not None:
-            self.checkpoint(point)
-
     def commit(self) -> dict:
         """Make every staged change at once (see the module doc); returns counts for the report."""
         counts = {kind: sum(1 for c in self.changes.values() if c.kind == kind)
@@ -444,10 +444,10 @@ class Transaction:
         master = file_systems[0]
         for fs in file_systems:
             self._prepare(fs, by_fs[fs], master, file_systems)
-        self._checkpoint("prepared")
+        self.checkpoint("prepared")
         _write_json(self._txn(master) / MARKER, {"file_systems": file_systems})
         self.marked = True
-        self._checkpoint("marked")
+        self.checkpoint("marked")
         for fs in file_systems:
             _roll_forward(self.host(fs), self.checkpoint)
         _finish(self.host(master))
@@ -617,7 +617,7 @@ def _is_dir(path: Path) -> bool:
         return False
 
 
-def _roll_forward(fs_root: Path, checkpoint: Checkpoint | None = None) -> None:
+def _roll_forward(fs_root: Path, checkpoint: Checkpoint = _no_checkpoint) -> None:
     """Finish a committed transaction on one file system; every step may run twice."""
     txn = fs_root / TXN_DIR
     prepared = txn / PREPARED
@@ -657,8 +657,7 @@ def _roll_forward(fs_root: Path, checkpoint: Checkpoint | None = None) -> None:
         touched_dirs.add(dest.parent)
         if not done_one:
             done_one = True
-            if checkpoint is not None:
-                checkpoint("renamed")
+            checkpoint("renamed")
     for directory in touched_dirs:
         if directory.is_dir():
             _fsync_dir(directory)
