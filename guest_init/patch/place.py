@@ -278,12 +278,14 @@ def place_hunks(content: bytes, hunks: list[Hunk], max_fuzz: int, *, lines: list
         # so a larger sample costs more than the better guess saves).
         sample = content.count(b"\n", 0, 4096)
         avg = max(1, min(len(content), 4096) // sample) if sample else 80
+        find, count, startswith = content.find, content.count, content.startswith
+        append, extend, record = out.append, out.extend, results.append
         for h in hunks:
             old_lines, new_lines = h.old_lines, h.new_lines
             pat_lines = len(old_lines)
-            prefix, suffix = h.prefix_context, h.suffix_context
             if not (pat_lines and old_lines[-1][-1:] == b"\n" and (not new_lines or new_lines[-1][-1:] == b"\n")):
                 break
+            prefix, suffix = h.prefix_context, h.suffix_context
             first_guess = h.first + in_offset
             old = b"".join(old_lines)
             if exact_only:
@@ -302,9 +304,9 @@ def place_hunks(content: bytes, hunks: list[Hunk], max_fuzz: int, *, lines: list
                 # must), offset 0 first, then forward before backward.  Found by a
                 # substring search and one newline count over the gap, where walking
                 # to the stated line first would count the same bytes and more.
-                start = content.find(old[:99], pos, pos + _WINDOW)  # (see _nearest)
-                if (start >= 0 and (start == 0 or content[start - 1] == 10) and content.startswith(old, start)
-                        and (where := frozen + 1 + content.count(b"\n", pos, start)) >= first_guess):
+                start = find(old[:99], pos, pos + _WINDOW)  # (see _nearest)
+                if (start >= 0 and (start == 0 or content[start - 1] == 10) and startswith(old, start)
+                        and (where := frozen + 1 + count(b"\n", pos, start)) >= first_guess):
                     pass  # the first place from here: the stated line, or past it (no place is nearer)
                 else:
                     # One before the stated line (or none nearby): the search in GNU's order.
@@ -333,14 +335,18 @@ def place_hunks(content: bytes, hunks: list[Hunk], max_fuzz: int, *, lines: list
                 in_offset += where - first_guess
             if creating and where == 1 and input_size:
                 break
-            head = start + sum(map(len, old_lines[:prefix])) if prefix else start
-            tail = start + len(old) - (sum(map(len, old_lines[pat_lines - suffix:])) if suffix else 0)
-            if pos < head:
-                out.append(content[pos:head])
-            out.extend(new_lines[prefix:len(new_lines) - suffix])
-            results.append(HunkResult(h.number, h.header, "applied", where, where + out_offset,
-                                      in_offset, 0))
-            pos = tail
+            # The old side matched byte for byte, so the file's text there is the new
+            # side's leading context: out go the file up to the match and the new side up
+            # to its trailing context (left in the input, where the next hunk may match it).
+            if pos < start:
+                append(content[pos:start])
+            if suffix:
+                extend(new_lines[:len(new_lines) - suffix])
+                pos = start + len(old) - sum(map(len, old_lines[pat_lines - suffix:]))
+            else:
+                extend(new_lines)
+                pos = start + len(old)
+            record(HunkResult(h.number, h.header, "applied", where, where + out_offset, in_offset, 0))
             frozen = where - 1 + pat_lines - suffix
             out_offset += len(new_lines) - pat_lines
             taken += 1
