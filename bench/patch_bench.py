@@ -82,6 +82,19 @@ class Best:
                 f"{self.cpu * 1000:7.1f} ms CPU")
 
 
+def paired(ours: Best, gnu: Best) -> str:
+    """The ratio of each repetition's two runs, made seconds apart: its median and quartiles.
+
+    This machine's speed drifts and has bursts of slowness that hit one run
+    and not the next; a ratio of neighbouring runs cancels the drift, and the
+    median of such ratios ignores the bursts (the longer run is hit more
+    often, so the ratio of the two medians overstates the difference).
+    """
+    ratios = sorted(o / g for o, g in zip(ours.walls, gnu.walls))
+    q1, q2, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+    return f"median {q2:.2f}x (quartiles {q1:.2f}x-{q3:.2f}x, {len(ratios)} pairs)"
+
+
 def _children_cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
@@ -361,6 +374,8 @@ def bench_large(workdir: Path, target_hunks: int, repeat: int) -> None:
         print(f"      ours/GNU: {ours_t.wall / gnu_t.wall:.2f}x wall ({noflush_t.wall / gnu_t.wall:.2f}x "
               f"without the flush; medians {ours_t.median / gnu_t.median:.2f}x and "
               f"{noflush_t.median / gnu_t.median:.2f}x), {noflush_t.cpu / gnu_t.cpu:.2f}x CPU; results identical")
+        print(f"      paired runs (ours without the flush / GNU, run one after the other): "
+              f"{paired(noflush_t, gnu_t)}")
 
 
 def main() -> int:

@@ -172,7 +172,7 @@ def _already_applied(files: list[FilePatch], forward: list[FileResult], conclusi
         verdict = _hash_verdict(fp, root, disk)
         if verdict is not None:  # git's blob hashes settle it where the file matches one side
             out[i] = verdict
-        elif fp.action != "delete" and any(not h.new_lines for h in fp.hunks) and _has_hashes(fp):
+        elif fp.action != "delete" and _has_hashes(fp) and any(not h.new_lines for h in fp.hunks):
             # A reversed hunk without old lines fits anywhere in a file that stays;
             # drifted from both sides of a hashed patch, such a file is not patched.
             out[i] = False
