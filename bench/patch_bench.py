@@ -19,7 +19,9 @@ results are identical.  Patches are written by GNU ``diff -u``, so the
 inputs are independent of our own diff generator.  Timings are the best of
 ``--repeat`` runs, with the median beside it: this kind of machine's speed
 varies by up to half from one minute to the next, so only the two engines
-run side by side, in turns, compare.  ``--dir /dev/shm`` puts the trees on a
+run side by side, in turns, compare (the large patch's two bases and three
+runs take turns at going first: a run made soon after many trees were
+removed is slower on ext4).  ``--dir /dev/shm`` puts the trees on a
 tmpfs: the engines' own work without a disk file system's costs (which are
 the same for both, but vary with what was recently deleted there).
 """
@@ -83,7 +85,7 @@ class Best:
 
 
 def paired(ours: Best, gnu: Best) -> str:
-    """The ratio of each repetition's two runs, made seconds apart: its median and quartiles.
+    """The ratio of the two runs of each repetition (made within a second): median and quartiles.
 
     This machine's speed drifts and has bursts of slowness that hit one run
     and not the next; a ratio of neighbouring runs cancels the drift, and the
@@ -348,25 +350,43 @@ def bench_large(workdir: Path, target_hunks: int, repeat: int) -> None:
         path = drifted / name
         path.write_bytes(b"# local header line\n" * rng.randint(1, 9) + path.read_bytes())
 
-    for label, base in (("exact base", old), ("drifted base, every hunk offset", drifted)):
-        ours_t, noflush_t, gnu_t = Best(), Best(), Best()
-        for _ in range(repeat):
-            ours, noflush, gnu = workdir / "l-ours", workdir / "l-noflush", workdir / "l-gnu"
+    bases = (("exact base", old), ("drifted base, every hunk offset", drifted))
+    timers = {label: (Best(), Best(), Best()) for label, _ in bases}
+    ours, noflush, gnu = workdir / "l-ours", workdir / "l-noflush", workdir / "l-gnu"
+
+    def run_ours(timer: Best) -> None:
+        with timer.run():
+            result = apply_patch(patch, ours, source="large.diff")
+        if result.status != "applied":
+            raise SystemExit(f"ours failed:\n{result.render()[:3000]}")
+
+    def run_noflush(timer: Best) -> None:
+        with no_disk_flush(), timer.run():
+            apply_patch(patch, noflush, source="large.diff")
+
+    def run_gnu(timer: Best) -> None:
+        with timer.run():
+            proc = subprocess.run(GNU, input=patch, cwd=gnu, capture_output=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"GNU patch failed: {proc.stdout[:2000]!r}")
+
+    engines = [run_ours, run_noflush, run_gnu]
+    for rep in range(repeat):
+        # Both bases in every repetition, each in turn first, and each engine in turn
+        # first: a run made soon after many trees were removed is slower (ext4 then
+        # takes longer to allocate inodes), so no base and no engine always comes last.
+        for label, base in bases if rep % 2 == 0 else bases[::-1]:
             for d in (ours, noflush, gnu):
                 shutil.rmtree(d, ignore_errors=True)
                 shutil.copytree(base, d)
-            with ours_t.run():
-                result = apply_patch(patch, ours, source="large.diff")
-            if result.status != "applied":
-                raise SystemExit(f"ours failed:\n{result.render()[:3000]}")
-            with no_disk_flush(), noflush_t.run():
-                apply_patch(patch, noflush, source="large.diff")
-            with gnu_t.run():
-                proc = subprocess.run(GNU, input=patch, cwd=gnu, capture_output=True)
-            if proc.returncode != 0:
-                raise SystemExit(f"GNU patch failed: {proc.stdout[:2000]!r}")
+            turn = rep % len(engines)
+            for engine, timer in (list(zip(engines, timers[label]))[turn:]
+                                  + list(zip(engines, timers[label]))[:turn]):
+                engine(timer)
             if not snapshot(ours) == snapshot(noflush) == snapshot(gnu):
                 raise SystemExit(f"RESULTS DIFFER between our engine and GNU patch ({label})")
+    for label, _ in bases:
+        ours_t, noflush_t, gnu_t = timers[label]
         print(f"   {label}:")
         print(f"      ours, flushed to disk:         {ours_t}")
         print(f"      ours, no flush (like GNU):     {noflush_t}")
@@ -374,7 +394,7 @@ def bench_large(workdir: Path, target_hunks: int, repeat: int) -> None:
         print(f"      ours/GNU: {ours_t.wall / gnu_t.wall:.2f}x wall ({noflush_t.wall / gnu_t.wall:.2f}x "
               f"without the flush; medians {ours_t.median / gnu_t.median:.2f}x and "
               f"{noflush_t.median / gnu_t.median:.2f}x), {noflush_t.cpu / gnu_t.cpu:.2f}x CPU; results identical")
-        print(f"      paired runs (ours without the flush / GNU, run one after the other): "
+        print(f"      paired runs (ours without the flush / GNU, same repetition): "
               f"{paired(noflush_t, gnu_t)}")
 
 
