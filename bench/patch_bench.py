@@ -89,8 +89,8 @@ def paired(ours: Best, gnu: Best) -> str:
 
     This machine's speed drifts and has bursts of slowness that hit one run
     and not the next; a ratio of neighbouring runs cancels the drift, and the
-    median of such ratios ignores the bursts (the longer run is hit more
-    often, so the ratio of the two medians overstates the difference).
+    median of such ratios ignores the bursts (which tend to hit the longer
+    run more often, so the ratio of the two medians can overstate the gap).
     """
     ratios = sorted(o / g for o, g in zip(ours.walls, gnu.walls))
     q1, q2, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
@@ -379,9 +379,9 @@ def bench_large(workdir: Path, target_hunks: int, repeat: int) -> None:
             for d in (ours, noflush, gnu):
                 shutil.rmtree(d, ignore_errors=True)
                 shutil.copytree(base, d)
-            turn = rep % len(engines)
-            for engine, timer in (list(zip(engines, timers[label]))[turn:]
-                                  + list(zip(engines, timers[label]))[:turn]):
+            runs = list(zip(engines, timers[label]))
+            turn = rep % len(runs)
+            for engine, timer in runs[turn:] + runs[:turn]:
                 engine(timer)
             if not snapshot(ours) == snapshot(noflush) == snapshot(gnu):
                 raise SystemExit(f"RESULTS DIFFER between our engine and GNU patch ({label})")
@@ -402,7 +402,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--small", type=int, default=200, help="number of small patches")
     parser.add_argument("--hunks", type=int, default=10_000, help="hunks in the large patch")
-    parser.add_argument("--repeat", type=int, default=3, help="runs per measurement (best is shown)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per measurement (best, median and, for the large patch, paired ratios are shown)")
     parser.add_argument("--dir", type=Path, default=None,
                         help="where the trees live (default: the temporary directory); "
                              "e.g. /dev/shm to compare the engines' CPU work without a disk's costs")

@@ -292,7 +292,7 @@ def place_hunks(content: bytes, hunks: list[Hunk], max_fuzz: int, *, lines: list
                 # Only the stated line counts: walk to it, compare, no search (the
                 # already-applied check asks this of text that is usually not there).
                 start = _line_start(content, pos, first_guess - 1 - frozen, avg)
-                if start < 0 or not content.startswith(old, start):
+                if start < 0 or not startswith(old, start):
                     if stop_on_failure:  # a yes/no question: no need to split the file to answer it
                         results.append(_not_at_stated_line(h, first_guess + out_offset, in_offset))
                         return b"", results
@@ -315,14 +315,14 @@ def place_hunks(content: bytes, hunks: list[Hunk], max_fuzz: int, *, lines: list
                         # Very common text: only the stated line is checked here; the
                         # line-based search decides the rest.
                         start = _line_start(content, pos, first_guess - 1 - frozen, avg)
-                        found = (first_guess, start) if start >= 0 and content.startswith(old, start) else None
+                        found = (first_guess, start) if start >= 0 and startswith(old, start) else None
                     if found is None:
                         break
                     where, start = found
                 in_offset += where - first_guess
             elif prefix < suffix:
                 # Less context before than after: made at the start of the file, fits only there.
-                if frozen or not content.startswith(old):
+                if frozen or not startswith(old):
                     break
                 where, start = 1, 0
                 in_offset += 1 - first_guess
@@ -331,7 +331,7 @@ def place_hunks(content: bytes, hunks: list[Hunk], max_fuzz: int, *, lines: list
                 start = len(content) - len(old)
                 if start < pos or (start and content[start - 1] != 10) or not content.endswith(old):
                     break
-                where = frozen + 1 + content.count(b"\n", pos, start)
+                where = frozen + 1 + count(b"\n", pos, start)
                 in_offset += where - first_guess
             if creating and where == 1 and input_size:
                 break
