@@ -4,8 +4,11 @@ The order of work is what makes the guarantees hold:
 
 1. parse the whole patch (a malformed or unsafe patch is refused before any
    file is read);
-2. compute every file's new content in memory (:class:`~.tree.Tree`),
-   placing hunks as GNU patch 2.7.6 does (:mod:`.place`);
+2. compute every file's new content (:class:`~.tree.Tree`), placing hunks
+   as GNU patch 2.7.6 does (:mod:`.place`), and write it to a temporary
+   name beside its target at once (not in a dry run): only one file's old
+   and new content is in memory at a time, unless the already-applied check
+   below may need the old one again;
 3. decide, file by file: a file whose hunks all fit exactly (stated line,
    no fuzz) takes the patch; for any other, the reverse is tried without
    fuzz, and a file it fits (exactly, or at all where the forward patch does
@@ -13,12 +16,14 @@ The order of work is what makes the guarantees hold:
    the same patch converges, even after a power cut in the middle of a
    commit, instead of failing or applying twice;
 4. commit all changes at once, or report the failure with a diagnosis for
-   every hunk that did not fit, having changed nothing.
+   every hunk that did not fit, having changed nothing (the temporary files
+   are removed).
 """
 from __future__ import annotations
 
 import gc
 import os
+from operator import attrgetter
 from pathlib import Path
 
 from ..safepath import UnsafePath
@@ -34,6 +39,8 @@ from .model import (
 from .parse import parse_patch, split_lines
 from .place import place_hunks
 from .tree import CommitError, Node, Tree
+
+_OFFSET, _FUZZ, _OLD_LINES = attrgetter("offset"), attrgetter("fuzz"), attrgetter("old_lines")
 
 
 def apply_patch(patch: bytes, root: Path, *, strip: int = 1, dry_run: bool = False, fuzz: int = 2,
@@ -62,34 +69,41 @@ def apply_patch(patch: bytes, root: Path, *, strip: int = 1, dry_run: bool = Fal
     # the run time), so it is paused for the call.
     collecting = gc.isenabled()
     gc.disable()
+    trees: list[Tree] = []
     try:
-        return _apply(patch, root, strip, dry_run, fuzz, source, durable)
+        return _apply(patch, root, strip, dry_run, fuzz, source, durable, trees)
     finally:
+        for tree in trees:
+            tree.discard()  # files staged for a commit that did not happen
         if collecting:
             gc.enable()
 
 
 def _apply(patch: bytes, root: Path, strip: int, dry_run: bool, fuzz: int, source: str,
-           durable: bool = True) -> PatchResult:
+           durable: bool, trees: list[Tree]) -> PatchResult:
     files = parse_patch(patch, strip=strip, source=source)
 
     def result(status: str, results: list[FileResult], message: str | None = None) -> PatchResult:
         return PatchResult(status, results, source=source, root=str(root), dry_run=dry_run,
                            strip=strip, fuzz=fuzz, message=message)
 
-    tree = _tree(root, files)
-    forward = [_apply_file(fp, tree, fuzz, source) for fp in files]
+    def forward_tree(files: list[FilePatch], disk: dict | None = None) -> Tree:
+        tree = _tree(root, files, disk)
+        if not dry_run:
+            # Each new file goes to its temporary name as soon as it is computed, and a file
+            # that fits exactly lets go of its old content: one file in memory at a time.
+            tree.stage_early(durable)
+            trees.append(tree)
+        return tree
+
+    tree = forward_tree(files)
+    forward = [_apply_file(fp, tree, fuzz, source, let_go=not dry_run) for fp in files]
     forward_ok = all(f.status != "failed" for f in forward)
     if forward_ok and not tree.changes():
         for f in forward:
             f.status = "unchanged"
         return result("already-applied", forward, "every file is already as the patch makes it")
-    # A file whose hunks all fit exactly where they say, each with old lines to
-    # match, is not patched yet.  Anything less (an offset, fuzz, a failure, or a
-    # hunk without old lines, which fits anywhere and twice) could also mean a
-    # patched file: the reverse decides.
-    conclusive = [f.status != "failed" and _exact([f]) and all(h.old_lines for h in fp.hunks)
-                  for fp, f in zip(files, forward)]
+    conclusive = [f.status != "failed" and _conclusive(fp, f) for fp, f in zip(files, forward)]
     if not all(conclusive):
         already = _already_applied(files, forward, conclusive, root, source, tree.disk)
         if all(already):
@@ -100,7 +114,8 @@ def _apply(patch: bytes, root: Path, strip: int, dry_run: bool, fuzz: int, sourc
         if any(already):
             # Some files have the patch, the others not (a commit cut short by a power
             # cut, or changes made by hand): apply it to the others, so the tree converges.
-            tree = _tree(root, [fp for fp, done in zip(files, already) if not done], tree.disk)
+            tree.discard()
+            tree = forward_tree([fp for fp, done in zip(files, already) if not done], tree.disk)
             forward = []
             for fp, done in zip(files, already):
                 if done:
@@ -230,6 +245,18 @@ def _exact(results: list[FileResult]) -> bool:
     return all(h.offset == 0 and h.fuzz == 0 for f in results for h in f.hunks)
 
 
+def _conclusive(fp: FilePatch, f: FileResult) -> bool:
+    """Does ``f`` (not failed) show that the file is not patched yet?
+
+    A file whose hunks all fit exactly where they say, each with old lines to
+    match, is not patched yet.  Anything less (an offset, fuzz, or a hunk
+    without old lines, which fits anywhere and twice) could also mean a
+    patched file: the reverse decides.  (C-level maps: ten thousand hunks.)
+    """
+    return (not any(map(_OFFSET, f.hunks)) and not any(map(_FUZZ, f.hunks))
+            and all(map(_OLD_LINES, fp.hunks)))
+
+
 def _reversed(fp: FilePatch, hunks: bool = True) -> FilePatch:
     """The file patch that undoes ``fp`` (to recognise a tree that already has it).
 
@@ -322,7 +349,7 @@ def _choose_plain_name(fp: FilePatch, tree: Tree, source: str) -> str:
 
 def _apply_file(fp: FilePatch, tree: Tree, max_fuzz: int, source: str, *,
                 quick: bool = False, exact_only: bool = False,
-                round_trip: list[Hunk] | None = None) -> FileResult:
+                round_trip: list[Hunk] | None = None, let_go: bool = False) -> FileResult:
     """Compute one file's change into ``tree``; the result says how (or why not).
 
     ``quick``: stop at the first hunk that does not fit and skip the diagnosis
@@ -330,7 +357,9 @@ def _apply_file(fp: FilePatch, tree: Tree, max_fuzz: int, source: str, *,
     ``exact_only``: hunks may only fit at the lines they state, without fuzz;
     ``round_trip``: the hunks that undo ``fp``'s; they must turn the result back
     into the content exactly, else ``fp`` does not count as fitting (a hunk
-    without old lines fits anywhere, so fitting alone proves nothing).
+    without old lines fits anywhere, so fitting alone proves nothing);
+    ``let_go``: free the file's old content once it is clear that nothing
+    will ask for it again (see :meth:`Tree.let_go`).
     """
     symlink = _is_link_mode(fp.old_mode) or _is_link_mode(fp.new_mode)
     res = _file_result(fp)
@@ -461,6 +490,8 @@ def _apply_file(fp: FilePatch, tree: Tree, max_fuzz: int, source: str, *,
     elif fp.action == "modify" and node.same(before):
         res.status = "unchanged"
     tree.set(dst, node)  # type: ignore[arg-type]
+    if let_go and src is not None and _conclusive(fp, res):
+        tree.let_go(src)  # the already-applied check will not ask for it
     return res
 
 

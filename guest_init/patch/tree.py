@@ -1,16 +1,19 @@
 """The target tree as the patch sees it: safe paths, an in-memory overlay, one commit.
 
-Applying a patch never writes while it computes.  Every file it touches is
-read once into :class:`Tree`, changed in memory (a later file of the same
-patch sees the earlier changes), and only when every file has been computed
-does :meth:`Tree.commit` write:
+Applying a patch changes nothing in the tree while it computes.  Every file
+it touches is read once into :class:`Tree` and changed there (a later file of
+the same patch sees the earlier changes); only when every file has been
+computed does :meth:`Tree.commit` put the changes in place:
 
 1. stage each new file beside its target (a temporary name in the same
    directory, so the final rename cannot cross a file system), write it,
    set owner and mode, and flush it to disk (one ``syncfs`` per file system
    for all of them, or ``fsync`` on each where libc has no syncfs); a hard
    link keeps each file about to be replaced or deleted reachable under a
-   backup name;
+   backup name.  With :meth:`Tree.stage_early` a file is staged as soon as
+   it is computed, so that a large patch holds one file's contents in
+   memory at a time, not all of them; :meth:`Tree.discard` removes what was
+   staged for a commit that does not happen;
 2. remove deleted files, then rename every staged file over its target;
 3. flush the directories the same way, drop the backups, remove
    directories that deletions left empty.
@@ -90,10 +93,19 @@ class Node:
     gid: int | None = None
     #: ``content`` split into lines, kept once computed (the reverse check reuses it).
     lines: list[bytes] | None = field(default=None, compare=False, repr=False)
+    #: Where ``content`` can be read again once it has been let go (``content`` is
+    #: None then): the file on disk, or the temporary file it was staged in.
+    reload_from: str | None = field(default=None, compare=False, repr=False)
+    #: The temporary file holding this content, once written out ahead of the commit.
+    staged: str | None = field(default=None, compare=False, repr=False)
 
     def same(self, other: Node | None) -> bool:
-        return (other is not None and self.kind == other.kind and self.content == other.content
-                and (self.kind == "symlink" or self.mode == other.mode))
+        if other is None or self.kind != other.kind:
+            return False
+        if self.staged is not None or other.staged is not None:
+            return False  # written out because it differed from what was there
+        return ((self.kind == "symlink" or self.mode == other.mode)
+                and self.content == other.content)
 
 
 def _backup_names(where: str, name: str) -> Iterator[str]:
@@ -101,6 +113,11 @@ def _backup_names(where: str, name: str) -> Iterator[str]:
     for _ in range(100):
         yield os.path.join(where, f".{name}.{os.urandom(4).hex()}{BACKUP_SUFFIX}")
     raise FileExistsError(errno.EEXIST, "no free temporary name", where)
+
+
+def _read_file(path: str) -> bytes:
+    with open(path, "rb", buffering=0) as f:
+        return f.read()
 
 
 def _unlink_quietly(paths: Iterable[str]) -> None:
@@ -144,6 +161,13 @@ class Tree:
         #: (no symlink on the way): looked up once per directory, not once per file.
         self._resolved: dict[str, str] = {}
         self._real: dict[str, bool] = {}
+        #: Write each new file to its temporary name as soon as it is computed
+        #: (see :meth:`stage_early`); ``None`` until asked for.
+        self._early: dict[str, str] | None = None
+        self._early_fsync = False
+        self._stage_dirs: dict[str, str] = {}
+        self._verified: set[str] = set()
+        self._real_root: str | None = None
 
     # -- paths
 
@@ -192,19 +216,69 @@ class Tree:
     def get(self, key: str) -> Node | None:
         """The current state of ``key``: the overlay, else the disk (read once)."""
         if key in self.current:
-            return self.current[key]
-        if key in self.disk:
-            node = self.disk[key]
+            node = self.current[key]
         else:
-            node = self.disk[key] = self._read(key)
-        self.original[key] = node
-        self.current[key] = node
+            if key in self.disk:
+                node = self.disk[key]
+            else:
+                node = self.disk[key] = self._read(key)
+            self.original[key] = node
+            self.current[key] = node
+        if node is not None and node.content is None:
+            node.content = _read_file(node.reload_from)  # type: ignore[arg-type]  # let go earlier
         return node
 
     def set(self, key: str, node: Node | None) -> None:
         if key not in self.original:
             self.get(key)
+        previous = self.current.get(key)
+        if self._early is not None:
+            if previous is not None and previous.staged is not None:
+                _unlink_quietly([previous.staged])  # superseded by a later change in the patch
+                self._early.pop(key, None)
+            if (node is not None and node.kind == "file" and node.staged is None
+                    and not node.same(self.original.get(key))):
+                self._stage_now(key, node)
         self.current[key] = node
+
+    # -- writing ahead of the commit
+
+    def stage_early(self, durable: bool) -> None:
+        """From now on, write each new file to its temporary name as soon as it is set.
+
+        A large patch then holds one file's old and new content at a time
+        instead of all of them (see :meth:`let_go`): less memory, and the
+        memory of one file is reused for the next.  The commit renames what
+        is staged; :meth:`discard` removes it when the patch does not go in.
+        """
+        self._early = {}
+        self._early_fsync = durable and _get_syncfs() is None
+
+    def _stage_now(self, key: str, node: Node) -> None:
+        if self._real_root is None:
+            self._real_root = os.path.realpath(self.root)
+        self._check_real_dirs(key, self._real_root, self._verified)
+        before = self.original.get(key)
+        tmp = self._stage(self.host(key), before, node, self._early_fsync, self._stage_dirs)
+        self._early[key] = tmp  # type: ignore[index]
+        node.staged = node.reload_from = tmp
+        node.content, node.lines = None, None  # type: ignore[assignment]
+
+    def let_go(self, key: str) -> None:
+        """Free the disk content read for ``key`` (it is read again if asked for)."""
+        node = self.disk.get(key)
+        after = self.current.get(key)
+        if after is not None and after.staged is None:
+            return  # not written out (unchanged...): comparing it with the result still needs it
+        if node is not None and node.kind == "file" and node.content is not None:
+            node.reload_from = self.host(key)
+            node.content, node.lines = None, None  # type: ignore[assignment]
+
+    def discard(self) -> None:
+        """Remove the files staged ahead of a commit that is not going to happen."""
+        if self._early:
+            _unlink_quietly(self._early.values())
+            self._early.clear()
 
     def _read(self, key: str) -> Node | None:
         path = self.host(key)
@@ -347,7 +421,8 @@ class Tree:
                     aside_dirs[key] = os.path.dirname(prefix + min(tops, key=len)[:-1] if tops else target)
                     backups[key] = self._backup(target, aside_dirs[key])
                 if after is not None:
-                    staged.append((self._stage(target, before, after, each, stage_dirs), target, key))
+                    tmp = after.staged or self._stage(target, before, after, each, stage_dirs)
+                    staged.append((tmp, target, key))
             if durable and not each and staged:
                 _sync_filesystems([os.path.dirname(tmp) for tmp, _, _ in staged])
             # 2. Deletions, and directories that files replace (emptied by the deletions).
@@ -391,6 +466,11 @@ class Tree:
         except OSError as exc:
             self._rollback(staged, backups, done)
             raise CommitError(current_key, exc.strerror or str(exc)) from exc
+        if self._early is not None:
+            self._early.clear()
+            for _, after in self.current.items():
+                if after is not None and after.staged is not None:
+                    after.staged = None  # in place now: the name is gone
         _unlink_quietly(link for link in backups.values() if link is not None)
         self._remove_emptied_dirs([k for k, _, a in changes if a is None])
 

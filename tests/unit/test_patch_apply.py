@@ -358,6 +358,37 @@ def test_a_failing_hunk_changes_nothing_anywhere(tmp_path: Path) -> None:
     assert "nothing was changed" in result.render()
 
 
+def test_an_unsafe_file_late_in_the_patch_leaves_no_temporary_file(tmp_path: Path) -> None:
+    # The files before it are written to temporary names as they are computed.
+    root = make(tmp_path / "r", {"a": lines(10), "d/b": lines(10)})
+    before = snapshot(root)
+    patch = (udiff("a", "@@ -1,3 +1,3 @@\n line 1\n-line 2\n+LINE 2\n line 3\n")
+             + udiff("d/b", "@@ -1,3 +1,3 @@\n line 1\n-line 2\n+LINE 2\n line 3\n")
+             + b"diff --git a/d/l b/d/l\nnew file mode 120000\n--- /dev/null\n+++ b/d/l\n"
+               b"@@ -0,0 +1 @@\n+../../../etc/shadow\n\\ No newline at end of file\n")
+    with pytest.raises(UnsafePatchPath):
+        apply_patch(patch, root)
+    assert snapshot(root) == before
+    assert no_temporaries(root)
+
+
+def test_two_changes_to_one_file_in_one_patch_build_on_each_other(tmp_path: Path) -> None:
+    # The second section (directly, or through a symlink) reads what the first made.
+    root = make(tmp_path / "r", {"a": lines(20), "link": "a"})
+    patch = (udiff("a", "@@ -1,3 +1,3 @@\n line 1\n-line 2\n+LINE 2\n line 3\n")
+             + udiff("a", "@@ -9,3 +9,3 @@\n line 9\n-line 10\n+LINE 10\n line 11\n")
+             + udiff("link", "@@ -17,3 +17,3 @@\n line 17\n-line 18\n+LINE 18\n line 19\n"))
+    result = apply_patch(patch, root)
+    assert result.status == "applied", result.render()
+    expected = lines(20).replace(b"line 2\n", b"LINE 2\n").replace(b"line 10\n", b"LINE 10\n")
+    assert (root / "a").read_bytes() == expected.replace(b"line 18\n", b"LINE 18\n")
+    assert os.readlink(root / "link") == "a"
+    assert no_temporaries(root)
+    # Applied again: the same three sections are recognised, nothing is written twice.
+    assert apply_patch(patch, root).status == "already-applied"
+    assert (root / "a").read_bytes() == expected.replace(b"line 18\n", b"LINE 18\n")
+
+
 def test_diagnosis_names_the_hunk_and_the_best_place(tmp_path: Path) -> None:
     text = lines(40).replace(b"line 27\n", b"line 27 edited locally\n")
     root = make(tmp_path / "r", {"etc/app.conf": text})
