@@ -437,7 +437,7 @@ def _apply_file(fp: FilePatch, tree: Tree, max_fuzz: int, source: str, *,
         cached = before.lines if own else None  # type: ignore[union-attr]
         output, res.hunks = place_hunks(content, fp.hunks, max_fuzz, lines=cached, creating=creating,
                                         input_size=len(content), stop_on_failure=quick,
-                                        exact_only=exact_only)
+                                        exact_only=exact_only, plain_lines=fp.plain_lines)
         bad = [h for h in res.hunks if h.status != "applied"]
         if bad and quick:
             return fail("hunk-failed", f"hunk #{bad[0].number} does not fit")

@@ -32,6 +32,7 @@ from .model import (
     Hunk,
     PatchParseError,
     UnsafePatchPath,
+    common_hunk,
     quote_found,
 )
 
@@ -59,7 +60,6 @@ _AFTER_FIRST = itemgetter(slice(1, None))
 #: line but "-" lines, and the ``@@`` lines are in neither.
 _OLD_LINES = bytes(0 if c in (_PLUS, _AT) else 1 for c in range(256))
 _NEW_LINES = bytes(0 if c in (_MINUS, _AT) else 1 for c in range(256))
-_EMPTY: list[bytes] = []  # a placeholder until _fill_sides (never mutated)
 
 
 def split_lines(data: bytes) -> list[bytes]:
@@ -94,6 +94,9 @@ class _Parser:
         self._bodies: list[bytes] | None = None  # every line without its first byte, on demand
         self.strip = strip
         self.source = source
+        #: Whether the last hunk read (:meth:`hunks`) had only lines ending in a newline.
+        self.plain_lines = False
+        self._unterminated = not data.endswith(b"\n")
 
     # -- errors
 
@@ -151,6 +154,7 @@ class _Parser:
             alternatives = tuple(dict.fromkeys(p for p in (old_path, new_path) if p is not None))
             fp = FilePatch(old_path, new_path, "modify", start + 1, alternatives=alternatives)
         fp.hunks = hunks
+        fp.plain_lines = self.plain_lines
         return fp, i
 
     def header_name(self, i: int, skip: int) -> tuple[bytes, bytes]:
@@ -277,6 +281,7 @@ class _Parser:
             if i >= n or not lines[i].startswith(b"@@ -"):
                 raise self.error(i, "a hunk header '@@ -START,COUNT +START,COUNT @@'")
             fp.hunks, i = self.hunks(i)
+            fp.plain_lines = self.plain_lines
             has_text = True
             old_path = None if old_raw == b"/dev/null" else self.path(old_raw, self.strip, header_at)
             new_path = None if new_raw == b"/dev/null" else self.path(new_raw, self.strip, header_at + 1)
@@ -440,14 +445,18 @@ class _Parser:
         if bodies is None:
             bodies = self._bodies = list(map(_AFTER_FIRST, lines))
         match = _HUNK.match
+        new_hunk = common_hunk
         number = 0
-        run: list[Hunk] = []  # common hunks back to back, their sides still to be filled in
+        plain = True  # every hunk read by the common path (lines ending in a newline)
+        run_at = 0  # where in ``out`` the common hunks whose sides are still to be filled in start
         run_from = i
-        while i < n and heads[i] == _AT and lines[i].startswith(b"@@ -"):
-            number += 1
+        while i < n and heads[i] == _AT:
             m = match(lines[i])
             if m is None:
-                raise self.error(i, "a hunk header '@@ -START,COUNT +START,COUNT @@'")
+                if lines[i].startswith(b"@@ -"):
+                    raise self.error(i, "a hunk header '@@ -START,COUNT +START,COUNT @@'")
+                break
+            number += 1
             a, b, c, d = m.groups()
             old_count = int(b) if b is not None else 1
             new_count = int(d) if d is not None else 1
@@ -480,25 +489,25 @@ class _Parser:
                         length += min(old_count - got_old, new_count - got_new)
             end = start + length
             if seg is None or seg.strip(b" +-") or (end < n and heads[end] == _BSLASH):
-                if run:
-                    self._fill_sides(run, run_from, i)
-                    run = []
+                if run_at < len(out):
+                    self._fill_sides(out[run_at:], run_from, i)
                 hunk, i = self.hunk(i, number, m)
                 out.append(hunk)
-                run_from = i
+                run_at, run_from, plain = len(out), i, False
                 continue
             stripped = seg.lstrip(b" ")
             if not stripped:
                 raise self.error(i, f"at least one '-' or '+' line in hunk #{number}", "context lines only")
             old_start = int(a)
-            hunk = Hunk(number, old_start, old_count, int(c), new_count, m.group(0).decode("ascii"), start,
-                        _EMPTY, _EMPTY, seg, length - len(stripped), length - len(seg.rstrip(b" ")),
-                        old_start if old_count else old_start + 1)
+            hunk = new_hunk(number, old_start, old_count, int(c), new_count, m.group(0).decode("ascii"), start,
+                            seg, length - len(stripped), length - len(seg.rstrip(b" ")),
+                            old_start if old_count else old_start + 1)
             out.append(hunk)
-            run.append(hunk)
             i = end
-        if run:
-            self._fill_sides(run, run_from, i)
+        if run_at < len(out):
+            self._fill_sides(out[run_at:], run_from, i)
+        # The patch's last line may lack its newline, and a common hunk may end there.
+        self.plain_lines = plain and not (self._unterminated and i >= n)
         return out, i
 
     def _fill_sides(self, run: list[Hunk], start: int, end: int) -> None:

@@ -23,7 +23,7 @@ them.  Pure functions of (lines, hunks): no file-system access here.
 """
 from __future__ import annotations
 
-from .model import Hunk, HunkResult
+from .model import Hunk, HunkResult, applied_hunk
 from .parse import split_lines
 
 
@@ -253,14 +253,16 @@ class FilePlacer:
 
 def place_hunks(content: bytes, hunks: list[Hunk], max_fuzz: int, *, lines: list[bytes] | None = None,
                 creating: bool = False, input_size: int = 0, stop_on_failure: bool = False,
-                exact_only: bool = False) -> tuple[bytes, list[HunkResult]]:
+                exact_only: bool = False, plain_lines: bool = False) -> tuple[bytes, list[HunkResult]]:
     """Apply ``hunks`` to ``content`` as GNU patch would; the output and one result per hunk.
 
     The output is meaningful only if every hunk applied.  ``lines`` is
     ``split_lines(content)`` if the caller already has it; ``stop_on_failure``
     returns at the first hunk that does not fit (a yes/no question, such as
     "is the reverse applied?", needs no more); ``exact_only`` tries each hunk
-    only at the line it states (shifted by earlier hunks), without fuzz.
+    only at the line it states (shifted by earlier hunks), without fuzz;
+    ``plain_lines`` says that every line of every hunk ends with a newline
+    (:attr:`FilePatch.plain_lines`), which then is not checked hunk by hunk.
 
     Most hunks of a large patch fit exactly where they say.  Those are matched
     and copied as byte ranges of ``content``, so a file is not cut into
@@ -280,10 +282,12 @@ def place_hunks(content: bytes, hunks: list[Hunk], max_fuzz: int, *, lines: list
         avg = max(1, min(len(content), 4096) // sample) if sample else 80
         find, count, startswith = content.find, content.count, content.startswith
         append, extend, record = out.append, out.extend, results.append
+        applied = applied_hunk
         for h in hunks:
             old_lines, new_lines = h.old_lines, h.new_lines
             pat_lines = len(old_lines)
-            if not (pat_lines and old_lines[-1][-1:] == b"\n" and (not new_lines or new_lines[-1][-1:] == b"\n")):
+            if not pat_lines or not (plain_lines or (old_lines[-1][-1:] == b"\n" and (
+                    not new_lines or new_lines[-1][-1:] == b"\n"))):
                 break
             prefix, suffix = h.prefix_context, h.suffix_context
             first_guess = h.first + in_offset
@@ -346,7 +350,7 @@ def place_hunks(content: bytes, hunks: list[Hunk], max_fuzz: int, *, lines: list
             else:
                 extend(new_lines)
                 pos = start + len(old)
-            record(HunkResult(h.number, h.header, "applied", where, where + out_offset, in_offset, 0))
+            record(applied(h.number, h.header, where, where + out_offset, in_offset))
             frozen = where - 1 + pat_lines - suffix
             out_offset += len(new_lines) - pat_lines
             taken += 1
@@ -381,8 +385,7 @@ def place_hunks(content: bytes, hunks: list[Hunk], max_fuzz: int, *, lines: list
             out.extend(new_lines[prefix:len(new_lines) - prefix])
             placer.last_frozen = first_guess - 1 + pat_lines - prefix
             placer.out_offset += len(new_lines) - pat_lines
-            results.append(HunkResult(h.number, h.header, "applied", first_guess, new_line,
-                                      placer.in_offset, 0))
+            results.append(applied_hunk(h.number, h.header, first_guess, new_line, placer.in_offset))
             continue
         if exact_only:
             result = placer.place_exact(h, creating=creating, input_size=input_size)

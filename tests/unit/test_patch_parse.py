@@ -122,6 +122,33 @@ def test_no_newline_markers_on_each_side() -> None:
     assert ctx.hunks[0].old_lines[-1] == b"b" and ctx.hunks[0].new_lines[-1] == b"b"
 
 
+@pytest.mark.parametrize("patch, plain", [
+    (b"--- a/f\n+++ b/f\n@@ -1,2 +1,2 @@\n a\n-b\n+c\n", True),
+    (b"--- a/f\n+++ b/f\n@@ -1,2 +1,2 @@\n a\n-b\n+c", False),  # the patch's last line is cut short
+    (b"--- a/f\n+++ b/f\n@@ -1,2 +1,2 @@\n a\n-b\n+c\n\\ No newline at end of file\n", False),
+    (b"--- a/f\n+++ b/f\n@@ -1,3 +1,3 @@\n a\n\n-b\n+c\n", False),  # a context line that lost its space
+    (b"diff --git a/f b/f\n--- a/f\n+++ b/f\n@@ -1 +1 @@\n-b\n+c\n@@ -5 +5 @@\n-x\n+y\n", True),
+])
+def test_the_parser_says_whether_every_hunk_line_ends_with_a_newline(patch: bytes, plain: bool) -> None:
+    fp = one(patch)
+    assert fp.plain_lines is plain
+    ended = all(line.endswith(b"\n") for h in fp.hunks for line in h.old_lines + h.new_lines)
+    assert ended or not plain
+
+
+def test_the_fast_constructors_make_what_the_dataclasses_make() -> None:
+    import dataclasses
+
+    from guest_init.patch.model import Hunk, HunkResult, applied_hunk, common_hunk
+
+    hunk = common_hunk(3, 10, 7, 11, 8, "@@ -10,7 +11,8 @@", 42, b"   -++   ", 3, 3, 10)
+    assert hunk == Hunk(3, 10, 7, 11, 8, "@@ -10,7 +11,8 @@", 42, [], [], b"   -++   ", 3, 3, 10)
+    result = applied_hunk(3, "@@ -10,7 +11,8 @@", 12, 13, 2)
+    assert result == HunkResult(3, "@@ -10,7 +11,8 @@", "applied", 12, 13, 2, 0)
+    for made in (hunk, result):  # every field set, none left to a default that is not there
+        assert all(hasattr(made, f.name) for f in dataclasses.fields(made))
+
+
 def test_crlf_content_is_kept_byte_exact() -> None:
     fp = one(b"--- a/f\n+++ b/f\n@@ -1,2 +1,2 @@\n a\r\n-b\r\n+c\r\n")
     assert fp.hunks[0].old_lines == [b"a\r\n", b"b\r\n"]
