@@ -357,7 +357,8 @@ def _apply_file(fp: FilePatch, tree: Tree, max_fuzz: int, source: str, *,
     ``exact_only``: hunks may only fit at the lines they state, without fuzz;
     ``round_trip``: the hunks that undo ``fp``'s; they must turn the result back
     into the content exactly, else ``fp`` does not count as fitting (a hunk
-    without old lines fits anywhere, so fitting alone proves nothing);
+    without old lines fits anywhere, so fitting alone proves nothing); they
+    are held to the same rule as ``fp`` (``exact_only``, else offsets too);
     ``let_go``: free the file's old content once it is clear that nothing
     will ask for it again (see :meth:`Tree.let_go`).
     """
@@ -443,7 +444,7 @@ def _apply_file(fp: FilePatch, tree: Tree, max_fuzz: int, source: str, *,
             return fail("hunk-failed", f"hunk #{bad[0].number} does not fit")
         if round_trip is not None:
             back, undone = place_hunks(output, round_trip, 0, stop_on_failure=True,
-                                       exact_only=True, creating=fp.action == "delete")
+                                       exact_only=exact_only, creating=fp.action == "delete")
             if back != content or any(h.status != "applied" for h in undone):
                 return fail("hunk-failed", "the hunks fit, but undoing them does not give the file back")
         if bad:

@@ -389,6 +389,36 @@ def test_two_changes_to_one_file_in_one_patch_build_on_each_other(tmp_path: Path
     assert (root / "a").read_bytes() == expected.replace(b"line 18\n", b"LINE 18\n")
 
 
+def test_a_drifted_file_patched_under_two_names_is_checked_as_one(tmp_path: Path) -> None:
+    # Through the symlink, both sections (each at an offset) patch one file.
+    text = b"local 1\nlocal 2\n" + lines(30)
+    root = make(tmp_path / "r", {"a": text, "link": "a"})
+    patch = (udiff("a", "@@ -4,3 +4,3 @@\n line 4\n-line 5\n+LINE 5\n line 6\n")
+             + udiff("link", "@@ -20,3 +20,3 @@\n line 20\n-line 21\n+LINE 21\n line 22\n"))
+    result = apply_patch(patch, root)
+    assert result.status == "applied", result.render()
+    assert [h.offset for f in result.files for h in f.hunks] == [2, 2]
+    expected = text.replace(b"line 5\n", b"LINE 5\n").replace(b"line 21\n", b"LINE 21\n")
+    assert (root / "a").read_bytes() == expected and no_temporaries(root)
+    again = apply_patch(patch, root)
+    assert again.status == "already-applied", again.render()
+    assert (root / "a").read_bytes() == expected
+
+
+def test_drifted_files_already_patched_or_not_are_told_apart(tmp_path: Path) -> None:
+    # GNU patch recognises a reversed patch at an offset too: so does the check.
+    old = b"local\n" + lines(30)
+    new = old.replace(b"line 10\n", b"LINE 10\n")
+    root = make(tmp_path / "r", {"a": new, "b": old, "c": old})
+    hunk = "@@ -9,3 +9,3 @@\n line 9\n-line 10\n+LINE 10\n line 11\n"
+    patch = udiff("a", hunk) + udiff("b", hunk) + udiff("c", hunk)
+    result = apply_patch(patch, root)
+    assert result.status == "applied", result.render()
+    assert [f.status for f in result.files] == ["already-applied", "applied", "applied"]
+    assert all((root / n).read_bytes() == new for n in "abc") and no_temporaries(root)
+    assert apply_patch(patch, root).status == "already-applied"
+
+
 def test_diagnosis_names_the_hunk_and_the_best_place(tmp_path: Path) -> None:
     text = lines(40).replace(b"line 27\n", b"line 27 edited locally\n")
     root = make(tmp_path / "r", {"etc/app.conf": text})
