@@ -97,7 +97,20 @@ def _apply(patch: bytes, root: Path, strip: int, dry_run: bool, fuzz: int, sourc
         return tree
 
     tree = forward_tree(files)
-    forward = [_apply_file(fp, tree, fuzz, source, let_go=not dry_run) for fp in files]
+    # Files that no other part of the patch touches are asked whether they already have
+    # the patch (below) as soon as they are computed, while their old content is at hand;
+    # then it is let go too.
+    early: dict[int, bool] | None = {} if not dry_run and _independent(files) else None
+    back = _tree(root, [], tree.disk) if early is not None else None
+    forward = []
+    for k, fp in enumerate(files):
+        f = _apply_file(fp, tree, fuzz, source, let_go=not dry_run)
+        forward.append(f)
+        if early is not None and f.status != "failed" and not _conclusive(fp, f):
+            early[k] = _holds_patch(fp, f, back, root, source, tree.disk)  # type: ignore[arg-type]
+            tree.let_go(tree.key(fp.old_path, follow=True))  # type: ignore[arg-type]
+    if early is not None and len(tree.current) != len(files):
+        early = None  # two names for one file (through a symlink): asked in order below
     forward_ok = all(f.status != "failed" for f in forward)
     if forward_ok and not tree.changes():
         for f in forward:
@@ -105,7 +118,7 @@ def _apply(patch: bytes, root: Path, strip: int, dry_run: bool, fuzz: int, sourc
         return result("already-applied", forward, "every file is already as the patch makes it")
     conclusive = [f.status != "failed" and _conclusive(fp, f) for fp, f in zip(files, forward)]
     if not all(conclusive):
-        already = _already_applied(files, forward, conclusive, root, source, tree.disk)
+        already = _already_applied(files, forward, conclusive, root, source, tree.disk, early)
         if all(already):
             for f in forward:
                 _mark_already(f)
@@ -165,33 +178,60 @@ def _tree(root: Path, files: list[FilePatch], disk: dict | None = None) -> Tree:
 
 
 def _already_applied(files: list[FilePatch], forward: list[FileResult], conclusive: list[bool],
-                     root: Path, source: str, disk: dict) -> list[bool]:
+                     root: Path, source: str, disk: dict, known: dict[int, bool] | None = None) -> list[bool]:
     """Which files already hold the patch's result: their reverse fits without fuzz.
 
     Where the forward patch fits (only with an offset or fuzz), the reverse
     must fit exactly at the stated lines to win: that is the tree a previous
     application leaves, and a merely similar place must not stop a patch that
     GNU patch would apply.  Where the forward patch does not fit at all, the
-    reverse may fit at an offset.
+    reverse may fit at an offset.  ``known``: the answers already found for
+    files independent of the others (see :func:`_independent`).
     """
     back = _tree(root, [_reversed(fp, hunks=False) for fp in files], disk)
     out = [False] * len(files)
     for i in reversed(range(len(files))):
         if conclusive[i]:
             continue
-        fp = files[i]
-        fits_forward = forward[i].status != "failed"
-        r = _apply_file(_reversed(fp), back, 0, source, quick=True, exact_only=fits_forward,
-                        round_trip=fp.hunks)  # also keeps ``back`` in step for the files before
-        out[i] = r.status != "failed" and (_exact([r]) or not fits_forward)
-        verdict = _hash_verdict(fp, root, disk)
-        if verdict is not None:  # git's blob hashes settle it where the file matches one side
-            out[i] = verdict
-        elif fp.action != "delete" and _has_hashes(fp) and any(not h.new_lines for h in fp.hunks):
-            # A reversed hunk without old lines fits anywhere in a file that stays;
-            # drifted from both sides of a hashed patch, such a file is not patched.
-            out[i] = False
+        if known is not None and i in known:
+            out[i] = known[i]
+            continue
+        # (also keeps ``back`` in step for the files before: the reverse goes in reverse order)
+        out[i] = _holds_patch(files[i], forward[i], back, root, source, disk)
     return out
+
+
+def _holds_patch(fp: FilePatch, forward: FileResult, back: Tree, root: Path, source: str,
+                 disk: dict) -> bool:
+    """Does the file of ``fp`` already hold the patch (see :func:`_already_applied`)?"""
+    fits_forward = forward.status != "failed"
+    r = _apply_file(_reversed(fp), back, 0, source, quick=True, exact_only=fits_forward,
+                    round_trip=fp.hunks)
+    verdict = _hash_verdict(fp, root, disk)
+    if verdict is not None:  # git's blob hashes settle it where the file matches one side
+        return verdict
+    if fp.action != "delete" and _has_hashes(fp) and any(not h.new_lines for h in fp.hunks):
+        # A reversed hunk without old lines fits anywhere in a file that stays;
+        # drifted from both sides of a hashed patch, such a file is not patched.
+        return False
+    return r.status != "failed" and (_exact([r]) or not fits_forward)
+
+
+def _independent(files: list[FilePatch]) -> bool:
+    """Does each file patch change its own regular file's content, touched by no other?
+
+    Then whether one file already has the patch does not depend on the
+    others, and can be asked as soon as the file is computed.  (Two names for
+    one file through a symlink are only seen once the names are resolved.)
+    """
+    seen: set[str | None] = set()
+    for fp in files:
+        if (fp.action != "modify" or fp.old_path != fp.new_path or len(fp.alternatives) > 1
+                or fp.binary is not None or fp.binary_problem is not None or fp.old_path in seen
+                or _is_link_mode(fp.old_mode) or _is_link_mode(fp.new_mode)):
+            return False
+        seen.add(fp.old_path)
+    return True
 
 
 def _has_hashes(fp: FilePatch) -> bool:

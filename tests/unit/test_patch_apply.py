@@ -390,7 +390,9 @@ def test_two_changes_to_one_file_in_one_patch_build_on_each_other(tmp_path: Path
 
 
 def test_a_drifted_file_patched_under_two_names_is_checked_as_one(tmp_path: Path) -> None:
-    # Through the symlink, both sections (each at an offset) patch one file.
+    # Through the symlink, both sections (each at an offset) patch one file: each section
+    # alone would be asked at once whether its file has the patch, but the two are one file,
+    # which only shows once the names are resolved (then they are asked in order, at the end).
     text = b"local 1\nlocal 2\n" + lines(30)
     root = make(tmp_path / "r", {"a": text, "link": "a"})
     patch = (udiff("a", "@@ -4,3 +4,3 @@\n line 4\n-line 5\n+LINE 5\n line 6\n")
@@ -406,7 +408,8 @@ def test_a_drifted_file_patched_under_two_names_is_checked_as_one(tmp_path: Path
 
 
 def test_drifted_files_already_patched_or_not_are_told_apart(tmp_path: Path) -> None:
-    # GNU patch recognises a reversed patch at an offset too: so does the check.
+    # GNU patch recognises a reversed patch at an offset too: so does the check, asked for
+    # each of these independent files as soon as it is computed.
     old = b"local\n" + lines(30)
     new = old.replace(b"line 10\n", b"LINE 10\n")
     root = make(tmp_path / "r", {"a": new, "b": old, "c": old})
