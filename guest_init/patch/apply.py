@@ -102,11 +102,13 @@ def _apply(patch: bytes, root: Path, strip: int, dry_run: bool, fuzz: int, sourc
     # then it is let go too.
     early: dict[int, bool] | None = {} if not dry_run and _independent(files) else None
     back = _tree(root, [], tree.disk) if early is not None else None
-    forward = []
+    forward: list[FileResult] = []
+    conclusive: list[bool] = []
     for k, fp in enumerate(files):
         f = _apply_file(fp, tree, fuzz, source, let_go=not dry_run)
         forward.append(f)
-        if early is not None and f.status != "failed" and not _conclusive(fp, f):
+        conclusive.append(f.status != "failed" and _conclusive(fp, f))
+        if early is not None and f.status != "failed" and not conclusive[k]:
             early[k] = _holds_patch(fp, f, back, root, source, tree.disk)  # type: ignore[arg-type]
             tree.let_go(tree.key(fp.old_path, follow=True))  # type: ignore[arg-type]
     if early is not None and len(tree.current) != len(files):
@@ -116,7 +118,6 @@ def _apply(patch: bytes, root: Path, strip: int, dry_run: bool, fuzz: int, sourc
         for f in forward:
             f.status = "unchanged"
         return result("already-applied", forward, "every file is already as the patch makes it")
-    conclusive = [f.status != "failed" and _conclusive(fp, f) for fp, f in zip(files, forward)]
     if not all(conclusive):
         already = _already_applied(files, forward, conclusive, root, source, tree.disk, early)
         if all(already):
