@@ -255,11 +255,26 @@ class Tree:
         self._early_fsync = durable and _get_syncfs() is None
 
     def _stage_now(self, key: str, node: Node) -> None:
-        if self._real_root is None:
-            self._real_root = os.path.realpath(self.root)
-        self._check_real_dirs(key, self._real_root, self._verified)
-        before = self.original.get(key)
-        tmp = self._stage(self.host(key), before, node, self._early_fsync, self._stage_dirs)
+        """Write ``node`` to its temporary name now, if nothing is in doubt; else the commit will.
+
+        A symlink on the way that the patch itself removes later, or an error
+        writing, is left to the commit: it knows the whole patch by then, and
+        reports a write error as a failed patch with the tree restored.
+        """
+        parent = key.rpartition("/")[0]
+        if parent not in self._verified:
+            if self._real_root is None:
+                self._real_root = os.path.realpath(self.root)
+            try:
+                self._check_real_dirs(key, self._real_root, set())
+            except OSError:
+                return
+            self._verified.add(parent)  # only once it passed: nothing is staged through a symlink
+        try:
+            tmp = self._stage(self.host(key), self.original.get(key), node, self._early_fsync,
+                              self._stage_dirs)
+        except OSError:
+            return
         self._early[key] = tmp  # type: ignore[index]
         node.staged = node.reload_from = tmp
         node.content, node.lines = None, None  # type: ignore[assignment]

@@ -253,6 +253,20 @@ def test_symlink_deleted_then_directory_created_in_its_place(tmp_path: Path) -> 
     assert sorted(p.name for p in (root / "elsewhere").iterdir()) == ["x"]
 
 
+def test_a_file_created_under_a_symlink_the_patch_deletes_later(tmp_path: Path) -> None:
+    """The same with the files in the other order: the new file waits for the commit."""
+    root = make(tmp_path / "r", {"real/y": b"y\n", "etc": "real"})
+    patch = (b"diff --git a/etc/x b/etc/x\nnew file mode 100644\n--- /dev/null\n+++ b/etc/x\n"
+             b"@@ -0,0 +1 @@\n+x\n"
+             b"diff --git a/etc b/etc\ndeleted file mode 120000\n--- a/etc\n+++ /dev/null\n"
+             b"@@ -1 +0,0 @@\n-real\n\\ No newline at end of file\n")
+    result = apply_patch(patch, root)
+    assert result.status == "applied", result.render()
+    assert (root / "etc").is_dir() and not (root / "etc").is_symlink()
+    assert (root / "etc/x").read_bytes() == b"x\n"
+    assert sorted(p.name for p in (root / "real").iterdir()) == ["y"] and no_temporaries(root)
+
+
 def test_a_symlink_appearing_before_the_commit_is_refused(tmp_path: Path) -> None:
     from guest_init.patch.tree import CommitError, Node, Tree
 
@@ -482,6 +496,28 @@ def test_commit_failure_rolls_back(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     monkeypatch.undo()
     assert result.status == "failed"
     assert "No space left on device" in result.message
+    assert snapshot(root) == before
+    assert no_temporaries(root)
+
+
+def test_a_write_error_is_a_failed_patch_not_an_exception(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    # A full disk while a file is written (as soon as it is computed, and again at the commit).
+    root = make(tmp_path / "r", {"a": b"1\n", "b": b"2\n", "c": b"3\n"})
+    before = snapshot(root)
+    patch = (udiff("a", "@@ -1 +1 @@\n-1\n+one\n") + udiff("b", "@@ -1 +1 @@\n-2\n+two\n")
+             + udiff("c", "@@ -1 +1 @@\n-3\n+three\n"))
+    real_write = os.write
+
+    def full_disk(fd, data):
+        if bytes(data) == b"two\n":
+            raise OSError(28, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", full_disk)
+    result = apply_patch(patch, root)
+    monkeypatch.undo()
+    assert result.status == "failed" and "No space left on device" in result.message
     assert snapshot(root) == before
     assert no_temporaries(root)
 
