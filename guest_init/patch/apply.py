@@ -334,7 +334,9 @@ class _ReversedHunks:
     def __bool__(self) -> bool:
         return bool(self._hunks)
 
-    def __getitem__(self, k: int) -> Hunk:
+    def __getitem__(self, k: int | slice) -> Hunk | list[Hunk]:  # type: ignore[override]
+        if isinstance(k, slice):  # placement hands the rest of a file's hunks on as a slice
+            return [self[i] for i in range(*k.indices(len(self._hunks)))]  # type: ignore[misc]
         if k not in self._done:
             self._done[k] = self._hunks[k].reversed()
         return self._done[k]

@@ -643,6 +643,23 @@ def test_a_file_neither_patched_nor_patchable_fails_the_whole_patch(tmp_path: Pa
     assert snapshot(root) == before
 
 
+def test_reversed_hunks_can_be_handed_on_part_way() -> None:
+    # Placement copies the first hunk as bytes, then hands the rest (a slice of the hunks) to
+    # the line-based placer: here because the last hunk ends without a newline.
+    from guest_init.patch.apply import _ReversedHunks
+    from guest_init.patch.parse import parse_patch
+    from guest_init.patch.place import place_hunks
+
+    old = lines(30) + b"last"
+    new = old.replace(b"line 5\n", b"LINE 5\n").replace(b"last", b"LAST")
+    patch = udiff("f", "@@ -2,7 +2,7 @@\n line 2\n line 3\n line 4\n-line 5\n+LINE 5\n line 6\n"
+                       " line 7\n line 8\n@@ -28,4 +28,4 @@\n line 28\n line 29\n line 30\n-last\n"
+                       "\\\\ No newline at end of file\n+LAST\n\\\\ No newline at end of file\n")
+    (fp,) = parse_patch(patch)
+    undone, results = place_hunks(new, _ReversedHunks(fp.hunks), 0, exact_only=True)
+    assert [r.status for r in results] == ["applied", "applied"] and undone == old
+
+
 def test_mode_only_patch_twice(tmp_path: Path) -> None:
     root = make(tmp_path / "r", {"run": b"x\n"})
     patch = b"diff --git a/run b/run\nold mode 100644\nnew mode 100755\n"
