@@ -239,32 +239,21 @@ def test_file_becomes_directory_and_directory_becomes_file(tmp_path: Path) -> No
     assert no_temporaries(root)
 
 
-def test_symlink_deleted_then_directory_created_in_its_place(tmp_path: Path) -> None:
-    """The new files go under the new directory, not where the deleted symlink pointed."""
+@pytest.mark.parametrize("deletion_first", [True, False])
+def test_symlink_deleted_and_directory_created_in_its_place(tmp_path: Path, deletion_first: bool) -> None:
+    """The new files go under the new directory, not where the deleted symlink pointed, in
+    either order (a file under the symlink that is still there waits for the commit)."""
     root = make(tmp_path / "r", {"a": b"", "b": "elsewhere", "elsewhere/x": b"keep\n"})
-    patch = (b"diff --git a/b b/b\ndeleted file mode 120000\n--- a/b\n+++ /dev/null\n@@ -1 +0,0 @@\n"
-             b"-elsewhere\n\\ No newline at end of file\n"
-             b"diff --git a/b/a b/b/a\nnew file mode 120000\n--- /dev/null\n+++ b/b/a\n@@ -0,0 +1 @@\n"
-             b"+../a\n\\ No newline at end of file\n")
-    result = apply_patch(patch, root)
+    delete = (b"diff --git a/b b/b\ndeleted file mode 120000\n--- a/b\n+++ /dev/null\n@@ -1 +0,0 @@\n"
+              b"-elsewhere\n\\ No newline at end of file\n")
+    create = (b"diff --git a/b/a b/b/a\nnew file mode 120000\n--- /dev/null\n+++ b/b/a\n@@ -0,0 +1 @@\n"
+              b"+../a\n\\ No newline at end of file\n"
+              b"diff --git a/b/f b/b/f\nnew file mode 100644\n--- /dev/null\n+++ b/b/f\n@@ -0,0 +1 @@\n+f\n")
+    result = apply_patch(delete + create if deletion_first else create + delete, root)
     assert result.status == "applied", result.render()
     assert (root / "b").is_dir() and not (root / "b").is_symlink()
-    assert os.readlink(root / "b/a") == "../a"
-    assert sorted(p.name for p in (root / "elsewhere").iterdir()) == ["x"]
-
-
-def test_a_file_created_under_a_symlink_the_patch_deletes_later(tmp_path: Path) -> None:
-    """The same with the files in the other order: the new file waits for the commit."""
-    root = make(tmp_path / "r", {"real/y": b"y\n", "etc": "real"})
-    patch = (b"diff --git a/etc/x b/etc/x\nnew file mode 100644\n--- /dev/null\n+++ b/etc/x\n"
-             b"@@ -0,0 +1 @@\n+x\n"
-             b"diff --git a/etc b/etc\ndeleted file mode 120000\n--- a/etc\n+++ /dev/null\n"
-             b"@@ -1 +0,0 @@\n-real\n\\ No newline at end of file\n")
-    result = apply_patch(patch, root)
-    assert result.status == "applied", result.render()
-    assert (root / "etc").is_dir() and not (root / "etc").is_symlink()
-    assert (root / "etc/x").read_bytes() == b"x\n"
-    assert sorted(p.name for p in (root / "real").iterdir()) == ["y"] and no_temporaries(root)
+    assert os.readlink(root / "b/a") == "../a" and (root / "b/f").read_bytes() == b"f\n"
+    assert sorted(p.name for p in (root / "elsewhere").iterdir()) == ["x"] and no_temporaries(root)
 
 
 def test_a_symlink_appearing_before_the_commit_is_refused(tmp_path: Path) -> None:
