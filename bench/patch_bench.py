@@ -402,7 +402,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--small", type=int, default=200, help="number of small patches")
     parser.add_argument("--hunks", type=int, default=10_000, help="hunks in the large patch")
-    parser.add_argument("--repeat", type=int, default=3, help="runs per measurement (best, median and, for the large patch, paired ratios are shown)")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="runs per measurement (best, median and, for the large patch, "
+                             "paired ratios are shown)")
     parser.add_argument("--dir", type=Path, default=None,
                         help="where the trees live (default: the temporary directory); "
                              "e.g. /dev/shm to compare the engines' CPU work without a disk's costs")

@@ -215,7 +215,7 @@ def _holds_patch(fp: FilePatch, forward: FileResult, back: Tree, root: Path, sou
         # A reversed hunk without old lines fits anywhere in a file that stays;
         # drifted from both sides of a hashed patch, such a file is not patched.
         return False
-    return r.status != "failed" and (_exact([r]) or not fits_forward)
+    return r.status != "failed" and (_exact(r) or not fits_forward)
 
 
 def _independent(files: list[FilePatch]) -> bool:
@@ -281,9 +281,10 @@ def _file_result(fp: FilePatch) -> FileResult:
                       "symlink" if symlink else "file")
 
 
-def _exact(results: list[FileResult]) -> bool:
-    """True if every hunk fit at the line it states, without fuzz."""
-    return all(h.offset == 0 and h.fuzz == 0 for f in results for h in f.hunks)
+def _exact(f: FileResult) -> bool:
+    """True if every hunk fit at the line it states, without fuzz (C-level maps: a large
+    patch has ten thousand hunks)."""
+    return not any(map(_OFFSET, f.hunks)) and not any(map(_FUZZ, f.hunks))
 
 
 def _conclusive(fp: FilePatch, f: FileResult) -> bool:
@@ -292,10 +293,9 @@ def _conclusive(fp: FilePatch, f: FileResult) -> bool:
     A file whose hunks all fit exactly where they say, each with old lines to
     match, is not patched yet.  Anything less (an offset, fuzz, or a hunk
     without old lines, which fits anywhere and twice) could also mean a
-    patched file: the reverse decides.  (C-level maps: ten thousand hunks.)
+    patched file: the reverse decides.
     """
-    return (not any(map(_OFFSET, f.hunks)) and not any(map(_FUZZ, f.hunks))
-            and all(map(_OLD_LINES, fp.hunks)))
+    return _exact(f) and all(map(_OLD_LINES, fp.hunks))
 
 
 def _reversed(fp: FilePatch, hunks: bool = True) -> FilePatch:

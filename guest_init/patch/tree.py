@@ -165,6 +165,8 @@ class Tree:
         #: (see :meth:`stage_early`); ``None`` until asked for.
         self._early: dict[str, str] | None = None
         self._early_fsync = False
+        #: A target's directory -> where its temporary file goes (see :meth:`_stage`), and
+        #: the directories found real for staging ahead of the commit.
         self._stage_dirs: dict[str, str] = {}
         self._verified: set[str] = set()
         self._real_root: str | None = None
@@ -261,16 +263,8 @@ class Tree:
         writing, is left to the commit: it knows the whole patch by then, and
         reports a write error as a failed patch with the tree restored.
         """
-        parent = key.rpartition("/")[0]
-        if parent not in self._verified:
-            if self._real_root is None:
-                self._real_root = os.path.realpath(self.root)
-            try:
-                self._check_real_dirs(key, self._real_root, set())
-            except OSError:
-                return
-            self._verified.add(parent)  # only once it passed: nothing is staged through a symlink
         try:
+            self._check_real_dirs(key, self._root_real(), self._verified)
             tmp = self._stage(self.host(key), self.original.get(key), node, self._early_fsync,
                               self._stage_dirs)
         except OSError:
@@ -305,8 +299,7 @@ class Tree:
             return None
         mode = stat.S_IMODE(st.st_mode)
         if stat.S_ISREG(st.st_mode):
-            with open(path, "rb", buffering=0) as f:
-                return Node("file", f.read(), mode, st.st_uid, st.st_gid)
+            return Node("file", _read_file(path), mode, st.st_uid, st.st_gid)
         if stat.S_ISLNK(st.st_mode):
             return Node("symlink", os.readlink(os.fsencode(path)), mode, st.st_uid, st.st_gid)
         if stat.S_ISDIR(st.st_mode):
@@ -416,7 +409,6 @@ class Tree:
         done: list[tuple[str, str, int]] = []  # what to undo: (action, path, mode)
         dirs: set[str] = set()
         aside_dirs: dict[str, str] = {}
-        stage_dirs: dict[str, str] = {}  # a target's directory -> where its temporary file goes
         current_key = ""
         # Durability: one syncfs per file system after staging and after the renames
         # where libc has it, else fsync on every file and directory.
@@ -425,7 +417,7 @@ class Tree:
             # 1. Stage every new file and back up every file about to go (above any
             #    directory that will be removed, so the backup does not keep it busy).
             doomed = [k + "/" for k, b, a in changes if b is not None and b.kind == "dir" and a is not None]
-            real_root = os.path.realpath(self.root)
+            real_root = self._root_real()
             verified: set[str] = set()  # directories checked in this phase (one check each)
             for key, before, after in changes:
                 current_key = key
@@ -436,7 +428,7 @@ class Tree:
                     aside_dirs[key] = os.path.dirname(prefix + min(tops, key=len)[:-1] if tops else target)
                     backups[key] = self._backup(target, aside_dirs[key])
                 if after is not None:
-                    tmp = after.staged or self._stage(target, before, after, each, stage_dirs)
+                    tmp = after.staged or self._stage(target, before, after, each, self._stage_dirs)
                     staged.append((tmp, target, key))
             if durable and not each and staged:
                 _sync_filesystems([os.path.dirname(tmp) for tmp, _, _ in staged])
@@ -499,19 +491,27 @@ class Tree:
     def _check_real_dirs(self, key: str, real_root: str, verified: set[str]) -> None:
         """Raise if a directory on the way to ``key`` (as far as it exists) is now a symlink.
 
-        ``verified`` holds the directories already checked in this phase of the
-        commit: a large patch changes many files per directory, and resolving
-        the same directory again per file was a tenth of the commit's time.
+        ``verified`` holds the directories already found real in this phase of
+        the commit: a large patch changes many files per directory, and
+        resolving the same directory again per file was a tenth of the
+        commit's time.  A directory enters it only once it passed.
         """
         parent = key.rpartition("/")[0]
         if parent in verified:
             return
-        verified.add(parent)
-        while parent and (not os.path.lexists(self._prefix + parent) or self._goes(parent)):
-            parent = parent.rpartition("/")[0]
-        here = self._prefix + parent if parent else str(self.root)
-        if os.path.realpath(here) != os.path.normpath(os.path.join(real_root, parent)):
+        above = parent
+        while above and (not os.path.lexists(self._prefix + above) or self._goes(above)):
+            above = above.rpartition("/")[0]
+        here = self._prefix + above if above else str(self.root)
+        if os.path.realpath(here) != os.path.normpath(os.path.join(real_root, above)):
             raise OSError(errno.ELOOP, "a symbolic link is in the way", here)
+        verified.add(parent)
+
+    def _root_real(self) -> str:
+        """The root with its symlinks resolved (looked up once: the root does not move)."""
+        if self._real_root is None:
+            self._real_root = os.path.realpath(self.root)
+        return self._real_root
 
     @staticmethod
     def _remove_tree_dirs(top: str, done: list[tuple[str, str, int]]) -> None:
