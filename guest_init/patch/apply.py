@@ -109,8 +109,13 @@ def _apply(patch: bytes, root: Path, strip: int, dry_run: bool, fuzz: int, sourc
         forward.append(f)
         conclusive.append(f.status != "failed" and _conclusive(fp, f))
         if early is not None and f.status != "failed" and not conclusive[k]:
-            early[k] = _holds_patch(fp, f, back, root, source, tree.disk)  # type: ignore[arg-type]
-            tree.let_go(tree.key(fp.old_path, follow=True))  # type: ignore[arg-type]
+            key = tree.key(fp.old_path, follow=True)  # type: ignore[arg-type]
+            old = tree.disk.get(key)
+            if old is not None and old.content is not None and _not_applied_yet(fp, old.content):
+                early[k] = False
+            else:
+                early[k] = _holds_patch(fp, f, back, root, source, tree.disk)  # type: ignore[arg-type]
+            tree.let_go(key)
     if early is not None and len(tree.current) != len(files):
         early = None  # two names for one file (through a symlink): asked in order below
     forward_ok = all(f.status != "failed" for f in forward)
@@ -216,6 +221,24 @@ def _holds_patch(fp: FilePatch, forward: FileResult, back: Tree, root: Path, sou
         # drifted from both sides of a hashed patch, such a file is not patched.
         return False
     return r.status != "failed" and (_exact(r) or not fits_forward)
+
+
+def _not_applied_yet(fp: FilePatch, content: bytes) -> bool:
+    """True if ``content`` surely lacks the patch: its first hunk's new side is not at the line it states.
+
+    For a file whose hunks fit (with an offset or fuzz), :func:`_holds_patch`
+    asks the whole reverse to fit exactly at the stated lines, starting with
+    the first hunk; where that one does not, the answer is no.  Asked
+    directly, without setting up the reverse patch and a second view of the
+    file: a tree that drifted from the patch's base (every hunk at an offset)
+    asks this of every file.  False means "ask :func:`_holds_patch`": a hunk
+    without new lines fits anywhere, and git's blob hashes may overrule the
+    lines.
+    """
+    if _has_hashes(fp) or not fp.hunks or not fp.hunks[0].new_lines:
+        return False
+    _, first = place_hunks(content, [fp.hunks[0].reversed()], 0, stop_on_failure=True, exact_only=True)
+    return first[0].status != "applied"
 
 
 def _independent(files: list[FilePatch]) -> bool:

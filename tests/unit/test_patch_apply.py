@@ -425,6 +425,25 @@ def test_drifted_files_already_patched_or_not_are_told_apart(tmp_path: Path) -> 
     assert apply_patch(patch, root).status == "already-applied"
 
 
+def test_an_insertion_made_before_is_recognised_where_its_context_recurs(tmp_path: Path) -> None:
+    # In "a" the line was inserted before, and its context recurs further on: the patch
+    # fits there too (at an offset), but its reverse fits exactly where the patch says,
+    # so "a" has it.  In "b" (drifted, not patched) the reverse's first hunk is not at
+    # its stated line: the quick answer (no) is the right one, and "b" is patched.
+    body = lines(12) + b"line 1\nline 2\nline 3\nline 4\n" + lines(8, "tail {}\n")
+    done = body.replace(b"line 2\nline 3\n", b"line 2\nNEW\nline 3\n", 1)
+    drifted = b"local\n" + body
+    root = make(tmp_path / "r", {"a": done, "b": drifted})
+    hunk = "@@ -1,4 +1,5 @@\n line 1\n line 2\n+NEW\n line 3\n line 4\n"
+    patch = udiff("a", hunk) + udiff("b", hunk)
+    result = apply_patch(patch, root)
+    assert result.status == "applied", result.render()
+    assert [f.status for f in result.files] == ["already-applied", "applied"]
+    assert (root / "a").read_bytes() == done
+    assert (root / "b").read_bytes() == drifted.replace(b"line 2\nline 3\n", b"line 2\nNEW\nline 3\n", 1)
+    assert no_temporaries(root)
+
+
 def test_diagnosis_names_the_hunk_and_the_best_place(tmp_path: Path) -> None:
     text = lines(40).replace(b"line 27\n", b"line 27 edited locally\n")
     root = make(tmp_path / "r", {"etc/app.conf": text})
