@@ -273,6 +273,12 @@ def place_hunks(content: bytes, hunks: list[Hunk], max_fuzz: int, *, lines: list
     results: list[HunkResult] = []
     out: list[bytes] = []
     frozen = pos = out_offset = in_offset = 0
+    # A hunk's trailing context is copied out with it and passed over in the input (``lag``
+    # lines beyond ``frozen``, GNU's last_frozen_line, which does not include them): the next
+    # hunk is searched for after it.  Where GNU's search could still find that hunk inside
+    # those lines (overlapping hunks), or another way of placing it follows, they are taken
+    # back first (_take_back): then input and output stand exactly at ``frozen`` again.
+    lag = 0
     taken = 0
     if lines is None:
         # The average line length, for _line_start's first window: from the first
@@ -292,6 +298,10 @@ def place_hunks(content: bytes, hunks: list[Hunk], max_fuzz: int, *, lines: list
             prefix, suffix = h.prefix_context, h.suffix_context
             first_guess = h.first + in_offset
             old = b"".join(old_lines)
+            common = not exact_only and (prefix == suffix or (prefix < suffix and h.first > 1))
+            if lag and not common:
+                pos -= _take_back(out, lag)
+                lag = 0
             if exact_only:
                 # Only the stated line counts: walk to it, compare, no search (the
                 # already-applied check asks this of text that is usually not there).
@@ -302,7 +312,7 @@ def place_hunks(content: bytes, hunks: list[Hunk], max_fuzz: int, *, lines: list
                         return b"", results
                     break
                 where = first_guess
-            elif prefix == suffix or (prefix < suffix and h.first > 1):
+            elif common:
                 # GNU's offset search without fuzz: the nearest line-aligned place of
                 # the old side (each of its lines ending in a newline, as the file's
                 # must), offset 0 first, then forward before backward.  Found by a
@@ -310,9 +320,15 @@ def place_hunks(content: bytes, hunks: list[Hunk], max_fuzz: int, *, lines: list
                 # to the stated line first would count the same bytes and more.
                 start = find(old[:99], pos, pos + _WINDOW)  # (see _nearest)
                 if (start >= 0 and (start == 0 or content[start - 1] == 10) and startswith(old, start)
-                        and (where := frozen + 1 + count(b"\n", pos, start)) >= first_guess):
-                    pass  # the first place from here: the stated line, or past it (no place is nearer)
+                        and (where := frozen + lag + 1 + count(b"\n", pos, start)) >= first_guess
+                        and (not lag or 2 * first_guess - where >= frozen + lag)):
+                    # The first place from here: the stated line, or past it, and no place
+                    # GNU tries before it lies in the previous hunk's trailing context.
+                    pass
                 else:
+                    if lag:
+                        pos -= _take_back(out, lag)
+                        lag = 0
                     # One before the stated line (or none nearby): the search in GNU's order.
                     found = _nearest(content, old, pos, frozen + 1, first_guess)
                     if found is _TOO_COMMON:
@@ -340,11 +356,16 @@ def place_hunks(content: bytes, hunks: list[Hunk], max_fuzz: int, *, lines: list
             if creating and where == 1 and input_size:
                 break
             # The old side matched byte for byte, so the file's text there is the new
-            # side's leading context: out go the file up to the match and the new side up
-            # to its trailing context (left in the input, where the next hunk may match it).
+            # side's context: out go the file up to the match and the new side, after the
+            # common search with its trailing context (see lag), else up to it (left in the
+            # input, where the next hunk may match it).
             if pos < start:
                 append(content[pos:start])
-            if suffix:
+            if common:
+                extend(new_lines)  # the trailing context too: the file's own text (see lag)
+                pos = start + len(old)
+                lag = suffix
+            elif suffix:
                 extend(new_lines[:len(new_lines) - suffix])
                 pos = start + len(old) - sum(map(len, old_lines[pat_lines - suffix:]))
             else:
@@ -357,6 +378,8 @@ def place_hunks(content: bytes, hunks: list[Hunk], max_fuzz: int, *, lines: list
         else:
             out.append(content[pos:])
             return b"".join(out), results
+        if lag:
+            _take_back(out, lag)
         lines = split_lines(content)
     placer = FilePlacer(lines)
     placer.out = out
@@ -395,6 +418,13 @@ def place_hunks(content: bytes, hunks: list[Hunk], max_fuzz: int, *, lines: list
         if stop_on_failure and result.status != "applied":
             return b"", results
     return placer.finish(), results
+
+
+def _take_back(out: list[bytes], lines: int) -> int:
+    """Remove the last ``lines`` pieces of ``out`` (a hunk's trailing context); their size in bytes."""
+    tail = out[-lines:]
+    del out[-lines:]
+    return sum(map(len, tail))
 
 
 def _not_at_stated_line(hunk: Hunk, new_line: int, offset: int) -> HunkResult:

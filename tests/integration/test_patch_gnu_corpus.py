@@ -303,3 +303,48 @@ def test_same_result_as_gnu_patch(seed: int, tmp_path: Path) -> None:
             assert _snapshot(our_dir) == before, "a failed patch changed the tree\n" + context
             leftovers = [p for p in our_dir.rglob(".*") if "supercharge" in p.name]
             assert not leftovers, leftovers
+
+
+def _numbered(first: int, last: int) -> bytes:
+    return b"".join(b"line %d\n" % k for k in range(first, last + 1))
+
+
+_FIRST_HUNK = "@@ -1,7 +1,7 @@\n line 1\n line 2\n line 3\n-line 4\n+LINE 4\n line 5\n line 6\n line 7\n"
+_SECOND_HUNK = "@@ -6,7 +6,7 @@\n line 6\n line 7\n line 8\n-line 9\n+LINE 9\n line 10\n line 11\n line 12\n"
+_LAST_LINES_HUNK = "@@ -7,3 +7,3 @@\n line 7\n line 8\n-line 9\n+LINE 9\n"  # made at the end of the file
+_NO_NEWLINE_HUNK = ("@@ -7,3 +7,3 @@\n line 7\n line 8\n-line 9\n\\ No newline at end of file\n"
+                    "+LINE 9\n\\ No newline at end of file\n")
+#: Hunks whose places overlap (the second starts inside the first's trailing context), and
+#: one that does not but is placed another way than the first.
+#: Name -> (file, second hunk, its line in the file, as GNU patch places it).
+_OVERLAPS = {
+    "second hunk inside the first's trailing context": (_numbered(1, 30), _SECOND_HUNK, 6),
+    "the same, its text again further on (the nearer place wins)":
+        (_numbered(1, 30) + _numbered(6, 12), _SECOND_HUNK, 6),
+    "the same on a drifted file": (b"local 1\nlocal 2\n" + _numbered(1, 30), _SECOND_HUNK, 8),
+    "its text only further on":
+        (_numbered(1, 9) + b"other 10\n" + _numbered(11, 30) + _numbered(6, 12), _SECOND_HUNK, 31),
+    "a last-lines hunk inside the first's trailing context": (_numbered(1, 9), _LAST_LINES_HUNK, 7),
+    "a last-lines hunk further on (not overlapping)": (_numbered(1, 9) + _numbered(1, 9), _LAST_LINES_HUNK, 16),
+    "a hunk without a final newline inside the first's trailing context":
+        (_numbered(1, 9)[:-1], _NO_NEWLINE_HUNK, 7),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_OVERLAPS))
+def test_overlapping_hunks_go_where_gnu_patch_puts_them(case: str, tmp_path: Path) -> None:
+    # The first hunk's trailing context is copied out with it and the next hunk searched
+    # for after it; a second hunk that GNU patch finds inside that context (or nearer to
+    # its stated line than the place found after it) must be placed as GNU places it.
+    _need_tools()
+    text, second, line = _OVERLAPS[case]
+    patch = f"--- a/f\n+++ b/f\n{_FIRST_HUNK}{second}".encode()
+    for side in ("gnu", "ours"):
+        (tmp_path / side).mkdir()
+        (tmp_path / side / "f").write_bytes(text)
+    code, failed, out = _gnu_patch(tmp_path / "gnu", patch)
+    assert code == 0 and not failed, out
+    result = apply_patch(patch, tmp_path / "ours")
+    assert result.status == "applied", result.render()
+    assert (tmp_path / "ours" / "f").read_bytes() == (tmp_path / "gnu" / "f").read_bytes()
+    assert [h.line for h in result.files[0].hunks][1] == line
