@@ -422,7 +422,7 @@ def main() -> int:
     if cpu >= 0:
         os.sched_setaffinity(0, {cpu})
     print(subprocess.run(["patch", "--version"], capture_output=True, text=True).stdout.splitlines()[0],
-          f"| Python {sys.version.split()[0]} | {'CPU %d' % cpu if cpu >= 0 else 'any CPU'}")
+          f"| Python {sys.version.split()[0]} | {f'CPU {cpu}' if cpu >= 0 else 'any CPU'}")
     with tempfile.TemporaryDirectory(prefix="patch-bench-", dir=args.dir) as tmp:
         fstype = subprocess.run(["findmnt", "-no", "FSTYPE", "-T", tmp], capture_output=True,
                                 text=True).stdout.split("\n")[0].strip() or "unknown"

@@ -361,16 +361,13 @@ def place_hunks(content: bytes, hunks: list[Hunk], max_fuzz: int, *, lines: list
             # input, where the next hunk may match it).
             if pos < start:
                 append(content[pos:start])
-            if common:
+            if common or not suffix:
                 extend(new_lines)  # the trailing context too: the file's own text (see lag)
                 pos = start + len(old)
                 lag = suffix
-            elif suffix:
+            else:
                 extend(new_lines[:len(new_lines) - suffix])
                 pos = start + len(old) - sum(map(len, old_lines[pat_lines - suffix:]))
-            else:
-                extend(new_lines)
-                pos = start + len(old)
             record(applied(h.number, h.header, where, where + out_offset, in_offset))
             frozen = where - 1 + pat_lines - suffix
             out_offset += len(new_lines) - pat_lines

@@ -475,7 +475,7 @@ class Tree:
             raise CommitError(current_key, exc.strerror or str(exc)) from exc
         if self._early is not None:
             self._early.clear()
-            for _, after in self.current.items():
+            for after in self.current.values():
                 if after is not None and after.staged is not None:
                     after.staged = None  # in place now: the name is gone
         _unlink_quietly(link for link in backups.values() if link is not None)
