@@ -13,7 +13,10 @@ ever decoded except for display.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+from functools import partial
+from typing import NamedTuple
 
 #: Identifies the JSON layout of :meth:`PatchResult.to_json` (docs/patch.md).
 RESULT_FORMAT = "supercharge-patch-result/1"
@@ -65,19 +68,36 @@ def quote_found(line: bytes) -> str:
 
 
 _SWAP_SIDES = bytes.maketrans(b"+-", b"-+")
+#: A hunk's ``@@`` header, as GNU patch reads it (the parser's test for a hunk line).
+HUNK_HEADER = re.compile(rb"@@ -(\d+)(?:,(\d+))? ?\+(\d+)(?:,(\d+))? ?@@")
 
 
-@dataclass(slots=True)
-class Hunk:
+def header_text(line: bytes) -> str:
+    """The ``@@ -a,b +c,d @@`` part of a hunk's header line, as reported.
+
+    Taken out of the line only when a result is shown: a large patch has ten
+    thousand hunks, and most reports never show theirs.
+    """
+    m = HUNK_HEADER.match(line)
+    return m.group(0).decode("ascii") if m else line.rstrip(b"\r\n").decode("ascii", "replace")
+
+
+class Hunk(NamedTuple):
     """One ``@@ -a,b +c,d @@`` hunk, split into GNU patch's two sides.
 
     ``old_lines`` (context and ``-`` lines, the "pattern") and ``new_lines``
     (context and ``+`` lines, the "replacement") hold the file lines with
     their line endings, exactly as they must appear in the file;
-    ``old_kinds``/``new_kinds`` say which lines are context (``" "``) and which
-    are changes (``"-"``/``"+"``).  ``prefix_context``/``suffix_context``
-    count the context lines before the first and after the last change; GNU
-    patch's placement rules (start/end of file, fuzz) depend on them.
+    ``kinds`` says which lines are context (``" "``) and which are changes
+    (``"-"``/``"+"``).  ``prefix_context``/``suffix_context`` count the context
+    lines before the first and after the last change; GNU patch's placement
+    rules (start/end of file, fuzz) depend on them.
+
+    A tuple, not a dataclass: a hunk never changes once read, and the parser
+    makes the ten thousand hunks of a large patch with C-level calls
+    (:data:`new_hunk` over ``map``), where a class's ``__init__`` is a Python
+    call per hunk.  The two sides come last for the same reason (they are
+    picked out after the rest, for a run of hunks at once).
     """
 
     number: int
@@ -85,10 +105,8 @@ class Hunk:
     old_count: int
     new_start: int
     new_count: int
-    header: str
+    header_line: bytes  # the ``@@`` line as in the patch (see :attr:`header`)
     line: int  # where the ``@@`` line is in the patch (1-based)
-    old_lines: list[bytes]
-    new_lines: list[bytes]
     #: The body's line kinds in patch order (``b" "``, ``b"-"``, ``b"+"``): one
     #: bytes object instead of two strings, since most hunks never need them.
     kinds: bytes
@@ -97,6 +115,13 @@ class Hunk:
     #: GNU patch's ``pch_first``: the old-side line, one later for a pure insertion
     #: (where the placement starts; kept, not derived, as it is read for every hunk).
     first: int
+    old_lines: list[bytes]
+    new_lines: list[bytes]
+
+    @property
+    def header(self) -> str:
+        """``@@ -a,b +c,d @@``, as results and messages name the hunk."""
+        return header_text(self.header_line)
 
     @property
     def old_kinds(self) -> str:
@@ -116,42 +141,15 @@ class Hunk:
         """The hunk that undoes this one (``patch -R``)."""
         return Hunk(
             number=self.number, old_start=self.new_start, old_count=self.new_count,
-            new_start=self.old_start, new_count=self.old_count, header=self.header,
-            line=self.line, old_lines=self.new_lines, new_lines=self.old_lines,
-            kinds=self.kinds.translate(_SWAP_SIDES),
-            prefix_context=self.prefix_context, suffix_context=self.suffix_context, first=self.new_first)
+            new_start=self.old_start, new_count=self.old_count, header_line=self.header_line,
+            line=self.line, kinds=self.kinds.translate(_SWAP_SIDES),
+            prefix_context=self.prefix_context, suffix_context=self.suffix_context, first=self.new_first,
+            old_lines=self.new_lines, new_lines=self.old_lines)
 
 
-_new = object.__new__
-
-
-def common_hunk(number: int, old_start: int, old_count: int, new_start: int, new_count: int,
-                header: str, line: int, kinds: bytes, prefix_context: int, suffix_context: int,
-                first: int) -> Hunk:
-    """``Hunk(...)`` with its sides still empty (the parser fills them in for a run of hunks).
-
-    Calling a dataclass goes through ``type.__call__`` into its generated
-    ``__init__``, a fresh interpreter frame entered from C; filling the slots
-    here costs a third less, and a large patch has ten thousand hunks.
-    """
-    h = _new(Hunk)
-    h.number = number
-    h.old_start = old_start
-    h.old_count = old_count
-    h.new_start = new_start
-    h.new_count = new_count
-    h.header = header
-    h.line = line
-    h.old_lines = h.new_lines = _NO_LINES
-    h.kinds = kinds
-    h.prefix_context = prefix_context
-    h.suffix_context = suffix_context
-    h.first = first
-    return h
-
-
-#: A hunk's sides until the parser fills them in (never mutated).
-_NO_LINES: list[bytes] = []
+#: ``new_hunk(fields)``: a :class:`Hunk` from an iterable of its fields in order, in C
+#: (``Hunk(...)`` and ``Hunk._make`` are Python functions).
+new_hunk = partial(tuple.__new__, Hunk)
 
 
 @dataclass
@@ -258,19 +256,38 @@ class HunkResult:
         return doc
 
 
-def applied_hunk(number: int, header: str, line: int, new_line: int, offset: int) -> HunkResult:
-    """``HunkResult(number, header, "applied", line, new_line, offset, 0)``, made the cheaper way
-    (see :func:`common_hunk`): one per hunk placed."""
-    r = _new(HunkResult)
-    r.number = number
-    r.header = header
-    r.status = "applied"
-    r.line = line
-    r.new_line = new_line
-    r.offset = offset
-    r.fuzz = 0
-    r.reason = r.expected = r.tried = r.best = None
-    return r
+class AppliedHunk(NamedTuple):
+    """A :class:`HunkResult` for a hunk that fit without fuzz, as a tuple.
+
+    The same fields and methods as a ``HunkResult`` of status ``applied``
+    (the others are constants here), made by :data:`applied_hunk` in C: the
+    placement makes one per hunk, ten thousand for a large patch, where a
+    dataclass's ``__init__`` is a Python call each.  Read-only: only failed
+    results are filled in later (by the diagnosis), and those are
+    ``HunkResult``.
+    """
+
+    number: int
+    header_line: bytes  # the hunk's ``@@`` line (see :attr:`header`)
+    line: int
+    new_line: int
+    offset: int
+    status = "applied"
+    fuzz = 0
+    reason = None
+    expected = None
+    tried = None
+    best = None
+
+    @property
+    def header(self) -> str:
+        return header_text(self.header_line)
+
+    to_json = HunkResult.to_json
+
+
+#: ``applied_hunk((number, header_line, line, new_line, offset))``: an :class:`AppliedHunk`, in C.
+applied_hunk = partial(tuple.__new__, AppliedHunk)
 
 
 @dataclass

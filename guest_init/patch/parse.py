@@ -28,16 +28,17 @@ from .model import (
     MODE_GITLINK,
     S_IFMT,
     BinaryHunk,
+    HUNK_HEADER,
     FilePatch,
     Hunk,
     PatchParseError,
     UnsafePatchPath,
-    common_hunk,
+    new_hunk,
     quote_found,
 )
 
 _LINES = re.compile(rb"[^\n]*\n|[^\n]+")
-_HUNK = re.compile(rb"@@ -(\d+)(?:,(\d+))? ?\+(\d+)(?:,(\d+))? ?@@")
+_HUNK = HUNK_HEADER
 #: The header as diff writes it nearly always, with both counts: the same match as
 #: :data:`_HUNK` where it matches, and a quarter cheaper without the optional parts.
 _HUNK_USUAL = re.compile(rb"@@ -(\d+),(\d+) \+(\d+),(\d+) @@")
@@ -61,9 +62,9 @@ _SP, _MINUS, _PLUS, _BSLASH, _NL, _TAB, _AT = 32, 45, 43, 92, 10, 9, 64
 #: A line's first byte, and the line without it (C-level callables for map()).
 _FIRST = itemgetter(0)
 _AFTER_FIRST = itemgetter(slice(1, None))
-#: bytes.translate tables turning the lines' first bytes over a run of hunks into masks
-#: for itertools.compress: the old side is every line but "+" lines, the new side every
-#: line but "-" lines, and the ``@@`` lines are in neither.
+#: bytes.translate tables turning the lines' first bytes into masks for itertools.compress:
+#: a hunk's old side is its lines but "+" lines, its new side its lines but "-" lines, and
+#: ``@@`` lines are on neither (see :meth:`_Parser._side_at`).
 _OLD_LINES = bytes(0 if c in (_PLUS, _AT) else 1 for c in range(256))
 _NEW_LINES = bytes(0 if c in (_MINUS, _AT) else 1 for c in range(256))
 
@@ -97,7 +98,12 @@ class _Parser:
         self.n = len(self.lines)
         #: The first byte of every line: lets hunk bodies be measured with C-speed counts.
         self.heads = bytes(map(_FIRST, self.lines))
-        self._bodies: list[bytes] | None = None  # every line without its first byte, on demand
+        #: Every line that could be on a hunk's old side (all but ``+`` and ``@@`` lines) and
+        #: on its new side, without its first byte; made on demand (see :meth:`_side_at`).
+        self._olds: list[bytes] | None = None
+        self._news: list[bytes] | None = None
+        #: A patch line and how many entries of ``_olds``/``_news`` come before it.
+        self._side_anchor = (0, 0, 0)
         self.strip = strip
         self.source = source
         #: Whether the last hunk read (:meth:`hunks`) had only lines ending in a newline.
@@ -447,15 +453,17 @@ class _Parser:
         """
         out: list[Hunk] = []
         lines, heads, n = self.lines, self.heads, self.n
-        bodies = self._bodies
-        if bodies is None:
-            bodies = self._bodies = list(map(_AFTER_FIRST, lines))
+        if self._olds is None:
+            bodies = list(map(_AFTER_FIRST, lines))
+            self._olds = list(compress(bodies, heads.translate(_OLD_LINES)))
+            self._news = list(compress(bodies, heads.translate(_NEW_LINES)))
+            del bodies
+        olds, news = self._olds, self._news
+        o = k = -1  # where the next common hunk's sides start in olds/news; -1: look it up
         match, usual, counts = _HUNK.match, _HUNK_USUAL.match, _COUNTS
-        new_hunk = common_hunk
         number = 0
         plain = True  # every hunk read by the common path (lines ending in a newline)
-        run_at = 0  # where in ``out`` the common hunks whose sides are still to be filled in start
-        run_from = i
+        append = out.append
         while i < n and heads[i] == _AT:
             m = usual(lines[i]) or match(lines[i])
             if m is None:
@@ -499,43 +507,41 @@ class _Parser:
                         length += min(old_count - got_old, new_count - got_new)
             end = start + length
             if seg is None or seg.strip(b" +-") or (end < n and heads[end] == _BSLASH):
-                if run_at < len(out):
-                    self._fill_sides(out[run_at:], run_from, i)
                 hunk, i = self.hunk(i, number, m)
-                out.append(hunk)
-                run_at, run_from, plain = len(out), i, False
+                append(hunk)
+                o, plain = -1, False
                 continue
             stripped = seg.lstrip(b" ")
             if not stripped:
                 raise self.error(i, f"at least one '-' or '+' line in hunk #{number}", "context lines only")
             old_start = int(a)
-            hunk = new_hunk(number, old_start, old_count, int(c), new_count, m.group(0).decode("ascii"), start,
-                            seg, length - len(stripped), length - len(seg.rstrip(b" ")),
-                            old_start if old_count else old_start + 1)
-            out.append(hunk)
+            if o < 0:
+                o, k = self._side_at(start)
+            o2, k2 = o + old_count, k + new_count
+            append(new_hunk((number, old_start, old_count, int(c), new_count, lines[i],
+                             start, seg, length - len(stripped), length - len(seg.rstrip(b" ")),
+                             old_start if old_count else old_start + 1, olds[o:o2], news[k:k2])))
+            o, k = o2, k2
             i = end
-        if run_at < len(out):
-            self._fill_sides(out[run_at:], run_from, i)
+        if o >= 0:
+            self._side_anchor = (i, o, k)
         # The patch's last line may lack its newline, and a common hunk may end there.
         self.plain_lines = plain and not (self._unterminated and i >= n)
         return out, i
 
-    def _fill_sides(self, run: list[Hunk], start: int, end: int) -> None:
-        """Give the common hunks in patch lines ``start:end`` (headers and bodies only) their sides.
+    def _side_at(self, line: int) -> tuple[int, int]:
+        """Where the sides of a common hunk whose body starts at patch line ``line`` begin in
+        ``_olds`` and ``_news``.
 
-        Picked out of all of their lines at once (two ``compress`` calls for the
-        run, not two per hunk) and handed out by the hunks' counts.
+        Counted from the last place known (the patch is read forward), once per run of
+        common hunks: within a run, each hunk's sides follow the previous one's.
         """
-        heads = self.heads[start:end]
-        bodies = self._bodies[start:end]  # type: ignore[index]
-        olds = list(compress(bodies, heads.translate(_OLD_LINES)))
-        news = list(compress(bodies, heads.translate(_NEW_LINES)))
-        o = k = 0
-        for hunk in run:
-            hunk.old_lines = olds[o:o + hunk.old_count]
-            hunk.new_lines = news[k:k + hunk.new_count]
-            o += hunk.old_count
-            k += hunk.new_count
+        at, o, k = self._side_anchor
+        heads = self.heads[at:line]
+        o += len(heads) - heads.count(b"+") - heads.count(b"@")
+        k += len(heads) - heads.count(b"-") - heads.count(b"@")
+        self._side_anchor = (line, o, k)
+        return o, k
 
     def hunk(self, i: int, number: int, m: re.Match[bytes]) -> tuple[Hunk, int]:
         """One hunk read line by line (``m`` is its header's match): the unusual and the malformed."""
@@ -603,9 +609,8 @@ class _Parser:
             i += 1
         if prefix < 0:
             raise self.error(at, f"at least one '-' or '+' line in hunk #{number}", "context lines only")
-        return Hunk(number, old_start, old_count, new_start, new_count, header, at + 1,
-                    old_lines, new_lines, bytes(kinds),
-                    prefix, context, old_start if old_count else old_start + 1), i
+        return Hunk(number, old_start, old_count, new_start, new_count, lines[at], at + 1, bytes(kinds),
+                    prefix, context, old_start if old_count else old_start + 1, old_lines, new_lines), i
 
     @staticmethod
     def hunk_expectation(old_left: int, new_left: int, number: int) -> str:

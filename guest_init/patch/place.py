@@ -368,7 +368,7 @@ def place_hunks(content: bytes, hunks: list[Hunk], max_fuzz: int, *, lines: list
             else:
                 extend(new_lines[:len(new_lines) - suffix])
                 pos = start + len(old) - sum(map(len, old_lines[pat_lines - suffix:]))
-            record(applied(h.number, h.header, where, where + out_offset, in_offset))
+            record(applied((h.number, h.header_line, where, where + out_offset, in_offset)))
             frozen = where - 1 + pat_lines - suffix
             out_offset += len(new_lines) - pat_lines
             taken += 1
@@ -405,7 +405,7 @@ def place_hunks(content: bytes, hunks: list[Hunk], max_fuzz: int, *, lines: list
             out.extend(new_lines[prefix:len(new_lines) - prefix])
             placer.last_frozen = first_guess - 1 + pat_lines - prefix
             placer.out_offset += len(new_lines) - pat_lines
-            results.append(applied_hunk(h.number, h.header, first_guess, new_line, placer.in_offset))
+            results.append(applied_hunk((h.number, h.header_line, first_guess, new_line, placer.in_offset)))
             continue
         if exact_only:
             result = placer.place_exact(h, creating=creating, input_size=input_size)

@@ -136,17 +136,20 @@ def test_the_parser_says_whether_every_hunk_line_ends_with_a_newline(patch: byte
     assert ended or not plain
 
 
-def test_the_fast_constructors_make_what_the_dataclasses_make() -> None:
-    import dataclasses
+def test_the_fast_constructors_make_what_the_classes_make() -> None:
+    from guest_init.patch.model import AppliedHunk, Hunk, HunkResult, applied_hunk, new_hunk
 
-    from guest_init.patch.model import Hunk, HunkResult, applied_hunk, common_hunk
-
-    hunk = common_hunk(3, 10, 7, 11, 8, "@@ -10,7 +11,8 @@", 42, b"   -++   ", 3, 3, 10)
-    assert hunk == Hunk(3, 10, 7, 11, 8, "@@ -10,7 +11,8 @@", 42, [], [], b"   -++   ", 3, 3, 10)
-    result = applied_hunk(3, "@@ -10,7 +11,8 @@", 12, 13, 2)
-    assert result == HunkResult(3, "@@ -10,7 +11,8 @@", "applied", 12, 13, 2, 0)
-    for made in (hunk, result):  # every field set, none left to a default that is not there
-        assert all(hasattr(made, f.name) for f in dataclasses.fields(made))
+    fields = (3, 10, 7, 11, 8, b"@@ -10,7 +11,8 @@ def f():\n", 42, b"   -++   ", 3, 3, 10, [b"a\n"], [b"b\n"])
+    hunk = new_hunk(iter(fields))
+    assert type(hunk) is Hunk and hunk == Hunk(*fields)
+    assert (hunk.first, hunk.old_lines, hunk.new_lines) == (10, [b"a\n"], [b"b\n"])
+    assert hunk.header == "@@ -10,7 +11,8 @@"
+    result = applied_hunk((3, b"@@ -10,7 +11,8 @@ def f():\n", 12, 13, 2))
+    assert type(result) is AppliedHunk
+    full = HunkResult(3, "@@ -10,7 +11,8 @@", "applied", 12, 13, 2, 0)
+    # Every field of a HunkResult is there, with the same value, and the JSON is the same.
+    assert all(getattr(result, name) == getattr(full, name) for name in HunkResult.__slots__)
+    assert result.to_json() == full.to_json()
 
 
 def test_crlf_content_is_kept_byte_exact() -> None:
