@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import stat
+import time
+from itertools import count
 from pathlib import Path
 from typing import Any, Callable
 
@@ -68,11 +70,26 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+_names = count()
+
+
+def unique_tag() -> str:
+    """A name part for temporary files that no other call makes: this process's id, the
+    time and a counter.
+
+    Not ``os.urandom``: getrandom(2) may block early in boot, where the agent
+    writes, and a large patch asks for hundreds of names.  Uniqueness is all
+    that is needed: the files are created with O_EXCL (or linked, which fails
+    the same way), and a name taken by anything else only means the next one.
+    """
+    return f"{os.getpid():x}{time.monotonic_ns() & 0xFFFFFFFF:08x}{next(_names):x}"
+
+
 def _open_temp(directory: str | os.PathLike[str], name: str) -> tuple[int, str]:
     """A new file beside the target; O_EXCL|O_NOFOLLOW so nothing pre-planted is reused."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     for _ in range(100):
-        tmp = os.path.join(directory, f".{name}.{os.urandom(4).hex()}.supercharge-tmp")
+        tmp = os.path.join(directory, f".{name}.{unique_tag()}.supercharge-tmp")
         try:
             return os.open(tmp, flags, 0o600), tmp
         except FileExistsError:

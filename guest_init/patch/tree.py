@@ -34,7 +34,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..ops import _fsync_dir, _make_parents, _open_temp
+from ..ops import _fsync_dir, _make_parents, _open_temp, unique_tag
 from ..safepath import UnsafePath, resolve_in_root
 
 BACKUP_SUFFIX = ".supercharge-old"
@@ -109,15 +109,36 @@ class Node:
 
 
 def _backup_names(where: str, name: str) -> Iterator[str]:
-    """Random backup names for ``name`` in ``where``; FileExistsError after 100 of them."""
+    """Unused backup names for ``name`` in ``where``; FileExistsError after 100 of them."""
     for _ in range(100):
-        yield os.path.join(where, f".{name}.{os.urandom(4).hex()}{BACKUP_SUFFIX}")
+        yield os.path.join(where, f".{name}.{unique_tag()}{BACKUP_SUFFIX}")
     raise FileExistsError(errno.EEXIST, "no free temporary name", where)
 
 
-def _read_file(path: str) -> bytes:
-    with open(path, "rb", buffering=0) as f:
-        return f.read()
+#: Linux reads at most this much at a time (MAX_RW_COUNT).
+_MAX_READ = 0x7FFFF000
+
+
+def _read_file(path: str, size: int = -1) -> bytes:
+    """The content of the regular file ``path``; ``size`` is its size if known (from lstat).
+
+    One read of the known size (and a byte more, to see a file that grew) in
+    place of ``open().read()``'s stat, seek and extra reads: a large patch
+    reads hundreds of files.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if size < 0:
+            size = os.fstat(fd).st_size
+        data = os.read(fd, min(size + 1, _MAX_READ))
+        if len(data) <= size < _MAX_READ:
+            return data  # a regular file's read is short only at its end
+        chunks = [data]
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def _unlink_quietly(paths: Iterable[str]) -> None:
@@ -170,6 +191,9 @@ class Tree:
         self._stage_dirs: dict[str, str] = {}
         self._verified: set[str] = set()
         self._real_root: str | None = None
+        #: The last lstat made by :meth:`key` (host path, result): :meth:`_read` usually
+        #: wants the same one next.
+        self._last_lstat: tuple[str, os.stat_result | None] = ("", None)
 
     # -- paths
 
@@ -202,6 +226,7 @@ class Tree:
                 st = os.lstat(text)
             except OSError:
                 st = None
+            self._last_lstat = (text, st)
             if st is not None and stat.S_ISLNK(st.st_mode):
                 text = str(resolve_in_root(self.root, rel))
         prefix = self._prefix
@@ -293,13 +318,15 @@ class Tree:
         path = self.host(key)
         if "/" in key and not self._real_dirs(key.rpartition("/")[0]):
             return None  # under a symlink or a file: in the patch's view nothing is there
-        try:
-            st = os.lstat(path)
-        except (FileNotFoundError, NotADirectoryError):
-            return None
+        seen, st = self._last_lstat
+        if seen != path or st is None:
+            try:
+                st = os.lstat(path)
+            except (FileNotFoundError, NotADirectoryError):
+                return None
         mode = stat.S_IMODE(st.st_mode)
         if stat.S_ISREG(st.st_mode):
-            return Node("file", _read_file(path), mode, st.st_uid, st.st_gid)
+            return Node("file", _read_file(path, st.st_size), mode, st.st_uid, st.st_gid)
         if stat.S_ISLNK(st.st_mode):
             return Node("symlink", os.readlink(os.fsencode(path)), mode, st.st_uid, st.st_gid)
         if stat.S_ISDIR(st.st_mode):
@@ -545,7 +572,7 @@ class Tree:
         name = os.path.basename(target)
         if after.kind == "symlink":
             for _ in range(100):
-                tmp = os.path.join(where, f".{name}.{os.urandom(4).hex()}.supercharge-tmp")
+                tmp = os.path.join(where, f".{name}.{unique_tag()}.supercharge-tmp")
                 try:
                     os.symlink(after.content, tmp)
                     return tmp
