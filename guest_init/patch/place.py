@@ -272,14 +272,13 @@ def place_hunks(content: bytes, hunks: list[Hunk], max_fuzz: int, *, lines: list
     """
     results: list[HunkResult] = []
     out: list[bytes] = []
-    frozen = pos = out_offset = in_offset = 0
+    frozen = pos = out_offset = in_offset = taken = 0
     # A hunk's trailing context is copied out with it and passed over in the input (``lag``
     # lines beyond ``frozen``, GNU's last_frozen_line, which does not include them): the next
     # hunk is searched for after it.  Where GNU's search could still find that hunk inside
     # those lines (overlapping hunks), or another way of placing it follows, they are taken
     # back first (_take_back): then input and output stand exactly at ``frozen`` again.
     lag = 0
-    taken = 0
     if lines is None:
         # The average line length, for _line_start's first window: from the first
         # 4 KiB (the windows adapt as they go; counting newlines is ~1 ns a byte,
@@ -287,24 +286,24 @@ def place_hunks(content: bytes, hunks: list[Hunk], max_fuzz: int, *, lines: list
         sample = content.count(b"\n", 0, 4096)
         avg = max(1, min(len(content), 4096) // sample) if sample else 80
         find, count, startswith = content.find, content.count, content.startswith
-        append, extend, record = out.append, out.extend, results.append
-        applied = applied_hunk
+        append, extend = out.append, out.extend
+        # Where each hunk went (its old side's first line); the results are made from
+        # these after the loop, in C (see _applied_results), not a call per hunk.
+        record, applied = results.append, applied_hunk
         for h in hunks:
             old_lines, new_lines = h.old_lines, h.new_lines
-            pat_lines = len(old_lines)
-            if not pat_lines or not (plain_lines or (old_lines[-1][-1:] == b"\n" and (
+            if not old_lines or not (plain_lines or (old_lines[-1][-1:] == b"\n" and (
                     not new_lines or new_lines[-1][-1:] == b"\n"))):
                 break
             prefix, suffix = h.prefix_context, h.suffix_context
             first_guess = h.first + in_offset
             old = b"".join(old_lines)
-            common = not exact_only and (prefix == suffix or (prefix < suffix and h.first > 1))
-            if lag and not common:
-                pos -= _take_back(out, lag)
-                lag = 0
             if exact_only:
                 # Only the stated line counts: walk to it, compare, no search (the
                 # already-applied check asks this of text that is usually not there).
+                if lag:
+                    pos -= _take_back(out, lag)
+                    lag = 0
                 start = _line_start(content, pos, first_guess - 1 - frozen, avg)
                 if start < 0 or not startswith(old, start):
                     if stop_on_failure:  # a yes/no question: no need to split the file to answer it
@@ -312,7 +311,7 @@ def place_hunks(content: bytes, hunks: list[Hunk], max_fuzz: int, *, lines: list
                         return b"", results
                     break
                 where = first_guess
-            elif common:
+            elif prefix == suffix or (prefix < suffix and h.first > 1):
                 # GNU's offset search without fuzz: the nearest line-aligned place of
                 # the old side (each of its lines ending in a newline, as the file's
                 # must), offset 0 first, then forward before backward.  Found by a
@@ -339,38 +338,53 @@ def place_hunks(content: bytes, hunks: list[Hunk], max_fuzz: int, *, lines: list
                     if found is None:
                         break
                     where, start = found
-                in_offset += where - first_guess
-            elif prefix < suffix:
-                # Less context before than after: made at the start of the file, fits only there.
-                if frozen or not startswith(old):
+                in_offset = where - h.first  # GNU's offsets add up, found or not taken
+                if creating and where == 1 and input_size:
                     break
-                where, start = 1, 0
-                in_offset += 1 - first_guess
+                # The old side matched byte for byte, so the file's text there is the new
+                # side's context: out go the file up to the match and the whole new side,
+                # its trailing context too (the file's own text; see lag).
+                if pos < start:
+                    append(content[pos:start])
+                extend(new_lines)
+                pos = start + len(old)
+                frozen = where - 1 + len(old_lines) - suffix
+                lag = suffix
+                record(applied((h.number, h.header_line, where, where + out_offset, in_offset)))
+                out_offset += len(new_lines) - len(old_lines)
+                taken += 1
+                continue
             else:
-                # Less context after: made at the end of the file, fits only there.
-                start = len(content) - len(old)
-                if start < pos or (start and content[start - 1] != 10) or not content.endswith(old):
-                    break
-                where = frozen + 1 + count(b"\n", pos, start)
-                in_offset += where - first_guess
+                if lag:
+                    pos -= _take_back(out, lag)
+                    lag = 0
+                if prefix < suffix:
+                    # Less context before than after: made at the start of the file, fits only there.
+                    if frozen or not startswith(old):
+                        break
+                    where, start = 1, 0
+                else:
+                    # Less context after: made at the end of the file, fits only there.
+                    start = len(content) - len(old)
+                    if start < pos or (start and content[start - 1] != 10) or not content.endswith(old):
+                        break
+                    where = frozen + 1 + count(b"\n", pos, start)
+            in_offset = where - h.first
             if creating and where == 1 and input_size:
                 break
-            # The old side matched byte for byte, so the file's text there is the new
-            # side's context: out go the file up to the match and the new side, after the
-            # common search with its trailing context (see lag), else up to it (left in the
-            # input, where the next hunk may match it).
+            # Out go the file up to the match and the new side without its trailing
+            # context, which is left in the input (the next hunk may match it).
             if pos < start:
                 append(content[pos:start])
-            if common or not suffix:
-                extend(new_lines)  # the trailing context too: the file's own text (see lag)
-                pos = start + len(old)
-                lag = suffix
-            else:
+            if suffix:
                 extend(new_lines[:len(new_lines) - suffix])
-                pos = start + len(old) - sum(map(len, old_lines[pat_lines - suffix:]))
+                pos = start + len(old) - sum(map(len, old_lines[len(old_lines) - suffix:]))
+            else:
+                extend(new_lines)
+                pos = start + len(old)
+            frozen = where - 1 + len(old_lines) - suffix
             record(applied((h.number, h.header_line, where, where + out_offset, in_offset)))
-            frozen = where - 1 + pat_lines - suffix
-            out_offset += len(new_lines) - pat_lines
+            out_offset += len(new_lines) - len(old_lines)
             taken += 1
         else:
             out.append(content[pos:])
