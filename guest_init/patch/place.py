@@ -287,6 +287,8 @@ def place_hunks(content: bytes, hunks: list[Hunk], max_fuzz: int, *, lines: list
         avg = max(1, min(len(content), 4096) // sample) if sample else 80
         find, count, startswith = content.find, content.count, content.startswith
         append, extend = out.append, out.extend
+        # The file's text between hunks goes out as views: copied once, by the final join.
+        view = memoryview(content)
         # Where each hunk went (its old side's first line); the results are made from
         # these after the loop, in C (see _applied_results), not a call per hunk.
         record, applied = results.append, applied_hunk
@@ -345,7 +347,7 @@ def place_hunks(content: bytes, hunks: list[Hunk], max_fuzz: int, *, lines: list
                 # side's context: out go the file up to the match and the whole new side,
                 # its trailing context too (the file's own text; see lag).
                 if pos < start:
-                    append(content[pos:start])
+                    append(view[pos:start])
                 extend(new_lines)
                 pos = start + len(old)
                 frozen = where - 1 + len(old_lines) - suffix
@@ -375,7 +377,7 @@ def place_hunks(content: bytes, hunks: list[Hunk], max_fuzz: int, *, lines: list
             # Out go the file up to the match and the new side without its trailing
             # context, which is left in the input (the next hunk may match it).
             if pos < start:
-                append(content[pos:start])
+                append(view[pos:start])
             if suffix:
                 extend(new_lines[:len(new_lines) - suffix])
                 pos = start + len(old) - sum(map(len, old_lines[len(old_lines) - suffix:]))
@@ -387,7 +389,7 @@ def place_hunks(content: bytes, hunks: list[Hunk], max_fuzz: int, *, lines: list
             out_offset += len(new_lines) - len(old_lines)
             taken += 1
         else:
-            out.append(content[pos:])
+            out.append(view[pos:])
             return b"".join(out), results
         if lag:
             _take_back(out, lag)
