@@ -69,6 +69,19 @@ _OLD_LINES = bytes(0 if c in (_PLUS, _AT) else 1 for c in range(256))
 _NEW_LINES = bytes(0 if c in (_MINUS, _AT) else 1 for c in range(256))
 
 
+def _shape(kinds: bytes) -> tuple[int, int, bool, int, int]:
+    """What the parser needs to know of a hunk body's line kinds (its lines' first bytes):
+    how many ``+`` and ``-`` lines, whether there is nothing else (no ``\\``, no
+    mailer-eaten space), and the context lines before the first change and after the last.
+
+    Asked once per distinct body shape and then looked up: most hunks of a patch
+    share a handful of shapes ("3 context, 1 -, 1 +, 3 context"), and five
+    calls per hunk were a sixth of the time to read a large patch.
+    """
+    return (kinds.count(b"+"), kinds.count(b"-"), not kinds.strip(b" +-"),
+            len(kinds) - len(kinds.lstrip(b" ")), len(kinds) - len(kinds.rstrip(b" ")))
+
+
 def split_lines(data: bytes) -> list[bytes]:
     """``data`` cut after each ``\\n`` (endings kept); the last line may lack one.
 
@@ -102,6 +115,8 @@ class _Parser:
         #: on its new side, without its first byte; made on demand (see :meth:`_side_at`).
         self._olds: list[bytes] | None = None
         self._news: list[bytes] | None = None
+        #: The hunk bodies' shapes met so far (see :func:`_shape`): a patch has few.
+        self._shapes: dict[bytes, tuple[int, int, bool, int, int]] = {}
         #: A patch line and how many entries of ``_olds``/``_news`` come before it.
         self._side_anchor = (0, 0, 0)
         self.strip = strip
@@ -461,6 +476,7 @@ class _Parser:
         olds, news = self._olds, self._news
         o = k = -1  # where the next common hunk's sides start in olds/news; -1: look it up
         match, usual, counts = _HUNK.match, _HUNK_USUAL.match, _COUNTS
+        shapes = self._shapes
         number = 0
         plain = True  # every hunk read by the common path (lines ending in a newline)
         append = out.append
@@ -484,8 +500,11 @@ class _Parser:
             # grows from the larger count (the counts are met at the true length only).
             length = old_count + new_count - 6
             seg = heads[start:start + length]
-            if not (length > 0 and start + length <= n and length - seg.count(b"+") == old_count
-                    and length - seg.count(b"-") == new_count):
+            shape = shapes.get(seg)
+            if shape is None:
+                shape = shapes[seg] = _shape(seg)
+            if not (length > 0 and start + length <= n and length - shape[0] == old_count
+                    and length - shape[1] == new_count):
                 length = old_count if old_count > new_count else new_count
                 while True:
                     if start + length > n:
@@ -505,21 +524,24 @@ class _Parser:
                         length += old_count - got_old
                     else:
                         length += min(old_count - got_old, new_count - got_new)
+                if seg is not None:
+                    shape = shapes.get(seg)
+                    if shape is None:
+                        shape = shapes[seg] = _shape(seg)
             end = start + length
-            if seg is None or seg.strip(b" +-") or (end < n and heads[end] == _BSLASH):
+            if seg is None or not shape[2] or (end < n and heads[end] == _BSLASH):
                 hunk, i = self.hunk(i, number, m)
                 append(hunk)
                 o, plain = -1, False
                 continue
-            stripped = seg.lstrip(b" ")
-            if not stripped:
+            if shape[3] == length:
                 raise self.error(i, f"at least one '-' or '+' line in hunk #{number}", "context lines only")
             old_start = int(a)
             if o < 0:
                 o, k = self._side_at(start)
             o2, k2 = o + old_count, k + new_count
             append(new_hunk((number, old_start, old_count, int(c), new_count, lines[i],
-                             start, seg, length - len(stripped), length - len(seg.rstrip(b" ")),
+                             start, seg, shape[3], shape[4],
                              old_start if old_count else old_start + 1, olds[o:o2], news[k:k2])))
             o, k = o2, k2
             i = end
