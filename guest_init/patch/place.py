@@ -319,8 +319,13 @@ def place_hunks(content: bytes, hunks: list[Hunk], max_fuzz: int, *, lines: list
                 # must), offset 0 first, then forward before backward.  Found by a
                 # substring search and one newline count over the gap, where walking
                 # to the stated line first would count the same bytes and more.
-                start = find(old[:99], pos, pos + _WINDOW)  # (see _nearest)
-                if (start >= 0 and (start == 0 or content[start - 1] == 10) and startswith(old, start)
+                needle = old[:_NEEDLE]
+                start = find(needle, pos, pos + _WINDOW)
+                tries = 8  # then the text is common here: the search in GNU's order decides
+                while start >= 0 and not startswith(old, start):
+                    tries -= 1
+                    start = find(needle, start + 1, pos + _WINDOW) if tries else -1
+                if (start >= 0 and (start == 0 or content[start - 1] == 10)
                         and (where := frozen + lag + 1 + count(b"\n", pos, start)) >= first_guess
                         and (not lag or 2 * first_guess - where >= frozen + lag)):
                     # The first place from here: the stated line, or past it, and no place
@@ -485,6 +490,10 @@ def _line_start(data: bytes, pos: int, k: int, avg: int) -> int:
 
 #: The stretch of a file searched at a time (see :func:`_nearest`).
 _WINDOW = 24000
+#: How much of a hunk's old side the common search looks for (then compared whole).
+#: CPython's search skips ahead on bytes the needle lacks, so a short needle scans
+#: faster; a needle this long rarely matches elsewhere first.
+_NEEDLE = 48
 #: What :func:`_nearest` returns for text found too often to search for this way.
 _TOO_COMMON = (0, -1)
 
