@@ -71,18 +71,29 @@ def _fsync_dir(directory: Path) -> None:
 
 
 _names = count()
+_tag_prefix = ""
+
+
+def _new_tag_prefix() -> None:
+    global _tag_prefix
+    _tag_prefix = f"{os.getpid():x}{time.monotonic_ns() & 0xFFFFFFFF:08x}"
+
+
+os.register_at_fork(after_in_child=_new_tag_prefix)
 
 
 def unique_tag() -> str:
-    """A name part for temporary files that no other call makes: this process's id, the
-    time and a counter.
+    """A name part for temporary files that no other call makes: this process's id and
+    start (taken once, and again in a forked child), and a counter.
 
     Not ``os.urandom``: getrandom(2) may block early in boot, where the agent
     writes, and a large patch asks for hundreds of names.  Uniqueness is all
     that is needed: the files are created with O_EXCL (or linked, which fails
     the same way), and a name taken by anything else only means the next one.
     """
-    return f"{os.getpid():x}{time.monotonic_ns() & 0xFFFFFFFF:08x}{next(_names):x}"
+    if not _tag_prefix:
+        _new_tag_prefix()
+    return f"{_tag_prefix}{next(_names):x}"
 
 
 def _open_temp(directory: str | os.PathLike[str], name: str) -> tuple[int, str]:

@@ -105,9 +105,12 @@ def _apply(patch: bytes, root: Path, strip: int, dry_run: bool, fuzz: int, sourc
     forward: list[FileResult] = []
     conclusive: list[bool] = []
     for k, fp in enumerate(files):
-        f = _apply_file(fp, tree, fuzz, source, let_go=not dry_run)
+        f = _apply_file(fp, tree, fuzz, source)
         forward.append(f)
         conclusive.append(f.status != "failed" and _conclusive(fp, f))
+        if conclusive[k] and not dry_run and fp.old_path is not None:
+            # Not patched yet, so the already-applied check will not ask for the old content.
+            tree.let_go(tree.key(fp.old_path, follow=_follows_source(fp)))
         if early is not None and f.status != "failed" and not conclusive[k]:
             key = tree.key(fp.old_path, follow=True)  # type: ignore[arg-type]
             old = tree.disk.get(key)
@@ -415,7 +418,7 @@ def _choose_plain_name(fp: FilePatch, tree: Tree, source: str) -> str:
 
 def _apply_file(fp: FilePatch, tree: Tree, max_fuzz: int, source: str, *,
                 quick: bool = False, exact_only: bool = False,
-                round_trip: list[Hunk] | None = None, let_go: bool = False) -> FileResult:
+                round_trip: list[Hunk] | None = None) -> FileResult:
     """Compute one file's change into ``tree``; the result says how (or why not).
 
     ``quick``: stop at the first hunk that does not fit and skip the diagnosis
@@ -424,9 +427,7 @@ def _apply_file(fp: FilePatch, tree: Tree, max_fuzz: int, source: str, *,
     ``round_trip``: the hunks that undo ``fp``'s; they must turn the result back
     into the content exactly, else ``fp`` does not count as fitting (a hunk
     without old lines fits anywhere, so fitting alone proves nothing); they
-    are held to the same rule as ``fp`` (``exact_only``, else offsets too);
-    ``let_go``: free the file's old content once it is clear that nothing
-    will ask for it again (see :meth:`Tree.let_go`).
+    are held to the same rule as ``fp`` (``exact_only``, else offsets too).
     """
     symlink = _is_link_mode(fp.old_mode) or _is_link_mode(fp.new_mode)
     res = _file_result(fp)
@@ -444,7 +445,7 @@ def _apply_file(fp: FilePatch, tree: Tree, max_fuzz: int, source: str, *,
 
     # Where the file is: a regular-file change follows a symlink in the tree
     # (as the shell would); removing or renaming acts on the link itself.
-    follow_src = not symlink and fp.action in ("modify", "copy")
+    follow_src = _follows_source(fp)
     follow_dst = not symlink and fp.action == "modify"
     try:
         src = tree.key(fp.old_path, follow=follow_src) if fp.old_path is not None else None
@@ -557,9 +558,13 @@ def _apply_file(fp: FilePatch, tree: Tree, max_fuzz: int, source: str, *,
     elif fp.action == "modify" and node.same(before):
         res.status = "unchanged"
     tree.set(dst, node)  # type: ignore[arg-type]
-    if let_go and src is not None and _conclusive(fp, res):
-        tree.let_go(src)  # the already-applied check will not ask for it
     return res
+
+
+def _follows_source(fp: FilePatch) -> bool:
+    """Is a symlink at the file's old name followed (a regular-file change, as the shell
+    would), or acted on itself (removing, renaming, a change to the link)?"""
+    return not (_is_link_mode(fp.old_mode) or _is_link_mode(fp.new_mode)) and fp.action in ("modify", "copy")
 
 
 def _apply_binary(fp: FilePatch, content: bytes | None) -> tuple[str | None, bytes]:
