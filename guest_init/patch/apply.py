@@ -37,7 +37,7 @@ from .model import (
     UnsafePatchPath,
 )
 from .parse import parse_patch, split_lines
-from .place import place_hunks
+from .place import place_hunks, stands_at
 from .tree import CommitError, Node, Tree
 
 _OFFSET, _FUZZ, _OLD_LINES = attrgetter("offset"), attrgetter("fuzz"), attrgetter("old_lines")
@@ -240,8 +240,12 @@ def _not_applied_yet(fp: FilePatch, content: bytes) -> bool:
     """
     if _has_hashes(fp) or not fp.hunks or not fp.hunks[0].new_lines:
         return False
-    _, first = place_hunks(content, [fp.hunks[0].reversed()], 0, stop_on_failure=True, exact_only=True)
-    return first[0].status != "applied"
+    first = fp.hunks[0]
+    there = stands_at(content, first.new_lines, first.new_start)
+    if there is None:  # a line without a newline: as the placement itself decides
+        _, results = place_hunks(content, [first.reversed()], 0, stop_on_failure=True, exact_only=True)
+        there = results[0].status == "applied"
+    return not there
 
 
 def _independent(files: list[FilePatch]) -> bool:

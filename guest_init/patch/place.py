@@ -438,6 +438,21 @@ def place_hunks(content: bytes, hunks: list[Hunk], max_fuzz: int, *, lines: list
     return placer.finish(), results
 
 
+def stands_at(content: bytes, side: list[bytes], line: int) -> bool | None:
+    """Do the lines ``side`` stand in ``content`` from line ``line`` (1-based) on?
+
+    What an exact-only placement of one hunk whose old side is ``side``
+    answers (see ``exact_only``), without setting it up; None where that
+    placement would have to split the file (a line without a newline).
+    """
+    if not side or side[-1][-1:] != b"\n":
+        return None
+    sample = content.count(b"\n", 0, 4096)
+    avg = max(1, min(len(content), 4096) // sample) if sample else 80
+    start = _line_start(content, 0, line - 1, avg)
+    return start >= 0 and content.startswith(b"".join(side), start)
+
+
 def _take_back(out: list[bytes], lines: int) -> int:
     """Remove the last ``lines`` pieces of ``out`` (a hunk's trailing context); their size in bytes."""
     tail = out[-lines:]

@@ -10,6 +10,8 @@ import zlib
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dom0.errors import UserError
 from guest_init.patch import PatchParseError, PatchResult, UnsafePatchPath, apply_patch
@@ -442,6 +444,29 @@ def test_an_insertion_made_before_is_recognised_where_its_context_recurs(tmp_pat
     assert (root / "a").read_bytes() == done
     assert (root / "b").read_bytes() == drifted.replace(b"line 2\nline 3\n", b"line 2\nNEW\nline 3\n", 1)
     assert no_temporaries(root)
+
+
+@settings(max_examples=300, deadline=None)
+@given(file_lines=st.lists(st.sampled_from([b"a\n", b"b\n", b"\n", b"a b\n", b"b", b"a\r\n"]), max_size=40),
+       side=st.lists(st.sampled_from([b"a\n", b"b\n", b"\n", b"b"]), min_size=1, max_size=4),
+       line=st.integers(min_value=1, max_value=45))
+def test_the_quick_stated_line_check_answers_as_the_exact_placement(
+        file_lines: list[bytes], side: list[bytes], line: int) -> None:
+    # stands_at (the already-applied check's quick question) against placing a hunk whose
+    # old side is ``side`` at ``line``, exactly, as the full check would.
+    from guest_init.patch.model import Hunk
+    from guest_init.patch.place import place_hunks, stands_at
+
+    content = b"".join(file_lines)
+    answer = stands_at(content, side, line)
+    kinds = b"-" * len(side)
+    hunk = Hunk(1, line, len(side), line, 0, b"@@ -1 +0,0 @@\n", 1, kinds, 0, 0, line, side, [])
+    _, results = place_hunks(content, [hunk], 0, stop_on_failure=True, exact_only=True)
+    placed = results[0].status == "applied"
+    if answer is None:
+        assert side[-1][-1:] != b"\n"
+    else:
+        assert answer == placed
 
 
 def test_diagnosis_names_the_hunk_and_the_best_place(tmp_path: Path) -> None:
