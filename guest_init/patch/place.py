@@ -289,16 +289,14 @@ def place_hunks(content: bytes, hunks: list[Hunk], max_fuzz: int, *, lines: list
         append, extend = out.append, out.extend
         # The file's text between hunks goes out as views: copied once, by the final join.
         view = memoryview(content)
-        # Where each hunk went (its old side's first line); the results are made from
-        # these after the loop, in C (see _applied_results), not a call per hunk.
         record, applied = results.append, applied_hunk
         for h in hunks:
             old_lines, new_lines = h.old_lines, h.new_lines
             if not old_lines or not (plain_lines or (old_lines[-1][-1:] == b"\n" and (
                     not new_lines or new_lines[-1][-1:] == b"\n"))):
                 break
-            prefix, suffix = h.prefix_context, h.suffix_context
-            first_guess = h.first + in_offset
+            prefix, suffix, first = h.prefix_context, h.suffix_context, h.first
+            first_guess = first + in_offset
             old = b"".join(old_lines)
             if exact_only:
                 # Only the stated line counts: walk to it, compare, no search (the
@@ -313,7 +311,7 @@ def place_hunks(content: bytes, hunks: list[Hunk], max_fuzz: int, *, lines: list
                         return b"", results
                     break
                 where = first_guess
-            elif prefix == suffix or (prefix < suffix and h.first > 1):
+            elif prefix == suffix or (prefix < suffix and first > 1):
                 # GNU's offset search without fuzz: the nearest line-aligned place of
                 # the old side (each of its lines ending in a newline, as the file's
                 # must), offset 0 first, then forward before backward.  Found by a
@@ -345,7 +343,7 @@ def place_hunks(content: bytes, hunks: list[Hunk], max_fuzz: int, *, lines: list
                     if found is None:
                         break
                     where, start = found
-                in_offset = where - h.first  # GNU's offsets add up, found or not taken
+                in_offset = where - first  # GNU's offsets add up, found or not taken
                 if creating and where == 1 and input_size:
                     break
                 # The old side matched byte for byte, so the file's text there is the new
@@ -376,7 +374,7 @@ def place_hunks(content: bytes, hunks: list[Hunk], max_fuzz: int, *, lines: list
                     if start < pos or (start and content[start - 1] != 10) or not content.endswith(old):
                         break
                     where = frozen + 1 + count(b"\n", pos, start)
-            in_offset = where - h.first
+            in_offset = where - first
             if creating and where == 1 and input_size:
                 break
             # Out go the file up to the match and the new side without its trailing
