@@ -663,6 +663,8 @@ def _is_epoch(when: bytes) -> bool:
     """
     if not when:
         return False
+    if when[:1].isdigit() and when[:7] not in (b"1969-12", b"1970-01"):
+        return False  # a date far from the epoch (even 99 hours of offset away): most files
     m = _ISO_TIME.match(when)
     if m:
         y, mo, d, hh, mm, ss = (int(g) for g in m.groups()[:6])
