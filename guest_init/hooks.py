@@ -59,6 +59,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from . import sysc
+from .ops import unique_tag
 from .plan import HookStep
 from .safepath import UnsafePath, resolve_in_root
 
@@ -389,12 +390,12 @@ def _place_script(root: Path, hook: HookStep, data: bytes) -> tuple[Path, str]:
 def _create_exclusive(directory: Path, prefix: str) -> tuple[int, Path]:
     """A new file with a unique name (O_EXCL, mode 0700).
 
-    Not tempfile (costly to import) and not os.urandom (getrandom may block early in
-    boot): uniqueness is all that is needed here, and O_EXCL guarantees it.
+    Not tempfile (costly to import); the name's unique part is :func:`unique_tag`'s,
+    and O_EXCL guarantees that nothing already there is used.
     """
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    for attempt in range(100):
-        path = directory / f"{prefix}{os.getpid()}-{time.monotonic_ns():x}-{attempt}"
+    for _ in range(100):
+        path = directory / f"{prefix}{unique_tag()}"
         try:
             return os.open(path, flags, 0o700), path
         except FileExistsError:

@@ -94,10 +94,8 @@ class Hunk(NamedTuple):
     rules (start/end of file, fuzz) depend on them.
 
     A tuple, not a dataclass: a hunk never changes once read, and the parser
-    makes the ten thousand hunks of a large patch with C-level calls
-    (:data:`new_hunk` over ``map``), where a class's ``__init__`` is a Python
-    call per hunk.  The two sides come last for the same reason (they are
-    picked out after the rest, for a run of hunks at once).
+    makes the ten thousand hunks of a large patch with one C call each
+    (:data:`new_hunk`), where a class's ``__init__`` is a Python call per hunk.
     """
 
     number: int

@@ -500,9 +500,7 @@ class _Parser:
             # grows from the larger count (the counts are met at the true length only).
             length = old_count + new_count - 6
             seg = heads[start:start + length]
-            shape = shapes.get(seg)
-            if shape is None:
-                shape = shapes[seg] = _shape(seg)
+            shape = shapes.get(seg) or shapes.setdefault(seg, _shape(seg))
             if not (length > 0 and start + length <= n and length - shape[0] == old_count
                     and length - shape[1] == new_count):
                 length = old_count if old_count > new_count else new_count
@@ -511,8 +509,9 @@ class _Parser:
                         seg = None
                         break
                     seg = heads[start:start + length]
-                    got_old = length - seg.count(b"+")
-                    got_new = length - seg.count(b"-")
+                    shape = shapes.get(seg) or shapes.setdefault(seg, _shape(seg))
+                    got_old = length - shape[0]
+                    got_new = length - shape[1]
                     if got_old == old_count and got_new == new_count:
                         break
                     if got_old > old_count or got_new > new_count:
@@ -524,10 +523,6 @@ class _Parser:
                         length += old_count - got_old
                     else:
                         length += min(old_count - got_old, new_count - got_new)
-                if seg is not None:
-                    shape = shapes.get(seg)
-                    if shape is None:
-                        shape = shapes[seg] = _shape(seg)
             end = start + length
             if seg is None or not shape[2] or (end < n and heads[end] == _BSLASH):
                 hunk, i = self.hunk(i, number, m)

@@ -280,11 +280,7 @@ def place_hunks(content: bytes, hunks: list[Hunk], max_fuzz: int, *, lines: list
     # back first (_take_back): then input and output stand exactly at ``frozen`` again.
     lag = 0
     if lines is None:
-        # The average line length, for _line_start's first window: from the first
-        # 4 KiB (the windows adapt as they go; counting newlines is ~1 ns a byte,
-        # so a larger sample costs more than the better guess saves).
-        sample = content.count(b"\n", 0, 4096)
-        avg = max(1, min(len(content), 4096) // sample) if sample else 80
+        avg = _average_line(content)
         find, count, startswith = content.find, content.count, content.startswith
         append, extend = out.append, out.extend
         # The file's text between hunks goes out as views: copied once, by the final join.
@@ -301,9 +297,6 @@ def place_hunks(content: bytes, hunks: list[Hunk], max_fuzz: int, *, lines: list
             if exact_only:
                 # Only the stated line counts: walk to it, compare, no search (the
                 # already-applied check asks this of text that is usually not there).
-                if lag:
-                    pos -= _take_back(out, lag)
-                    lag = 0
                 start = _line_start(content, pos, first_guess - 1 - frozen, avg)
                 if start < 0 or not startswith(old, start):
                     if stop_on_failure:  # a yes/no question: no need to split the file to answer it
@@ -445,10 +438,16 @@ def stands_at(content: bytes, side: list[bytes], line: int) -> bool | None:
     """
     if not side or side[-1][-1:] != b"\n":
         return None
-    sample = content.count(b"\n", 0, 4096)
-    avg = max(1, min(len(content), 4096) // sample) if sample else 80
-    start = _line_start(content, 0, line - 1, avg)
+    start = _line_start(content, 0, line - 1, _average_line(content))
     return start >= 0 and content.startswith(b"".join(side), start)
+
+
+def _average_line(content: bytes) -> int:
+    """The average line length, for :func:`_line_start`'s first window: from the first
+    4 KiB (the windows adapt as they go; counting newlines is ~1 ns a byte, so a
+    larger sample costs more than the better guess saves)."""
+    sample = content.count(b"\n", 0, 4096)
+    return max(1, min(len(content), 4096) // sample) if sample else 80
 
 
 def _take_back(out: list[bytes], lines: int) -> int:
